@@ -1,0 +1,245 @@
+//! Turning change events into follower operations: pure logic, no I/O.
+//!
+//! - insert, update and replace become an [`Op::Upsert`] of the whole (looked-up) document,
+//!   matched on the follower by the key field;
+//! - a delete event carries only `documentKey` (the source `_id`), so followers keep the
+//!   source `_id` on every replicated document and a delete removes the document with that
+//!   `_id` (see the README, "How deletes find their document");
+//! - an update whose looked-up document is gone (deleted since) is skipped: the delete that
+//!   removed it comes later in the same stream, so skipping neither resurrects nor loses data.
+//!
+//! [`coalesce`] keeps only the last operation per source `_id` within a batch, which is the
+//! state at the end of the batch; [`Plan`] then orders deletes before upserts so that a
+//! delete and re-insert of one key (even under a new `_id`) ends in source order.
+
+use std::collections::HashMap;
+
+use mongodb::bson::{doc, Bson, Document};
+
+use crate::config::MissingKey;
+
+/// What a follower must do for one source document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Replace-or-insert the whole document. `key` is the key field's value; `None` means
+    /// "match on `_id`" (the `use_id` policy for documents without the key).
+    Upsert {
+        id: Bson,
+        key: Option<Bson>,
+        doc: Document,
+    },
+    /// Remove the follower's document with this source `_id`.
+    Delete { id: Bson },
+}
+
+impl Op {
+    pub fn id(&self) -> &Bson {
+        match self {
+            Op::Upsert { id, .. } | Op::Delete { id } => id,
+        }
+    }
+}
+
+/// Why a document produced no operation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skip {
+    /// The document has no key field and `missing_key = "skip"`.
+    MissingKey { id: Bson },
+    /// An update whose document was deleted before it could be looked up.
+    Gone { id: Bson },
+}
+
+/// A document without the key field under `missing_key = "fail"`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("document with _id {id} has no `{key_field}` field (missing_key = \"fail\")")]
+pub struct MissingKeyError {
+    pub id: String,
+    pub key_field: String,
+}
+
+/// The operation for a document that exists on the source (from a change event's full
+/// document, or from the initial copy).
+pub fn upsert_for(
+    doc: Document,
+    key_field: &str,
+    policy: MissingKey,
+) -> Result<Result<Op, Skip>, MissingKeyError> {
+    let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+    match lookup_path(&doc, key_field) {
+        Some(key) if key != &Bson::Null => {
+            let key = key.clone();
+            Ok(Ok(Op::Upsert {
+                id,
+                key: Some(key),
+                doc,
+            }))
+        }
+        _ => match policy {
+            MissingKey::Skip => Ok(Err(Skip::MissingKey { id })),
+            MissingKey::UseId => Ok(Ok(Op::Upsert { id, key: None, doc })),
+            MissingKey::Fail => Err(MissingKeyError {
+                id: id.to_string(),
+                key_field: key_field.to_string(),
+            }),
+        },
+    }
+}
+
+/// A dotted path lookup (`a.b`), so the key may be a nested field.
+fn lookup_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+    let mut parts = path.split('.');
+    let mut cur = doc.get(parts.next()?)?;
+    for p in parts {
+        cur = cur.as_document()?.get(p)?;
+    }
+    Some(cur)
+}
+
+/// Byte encoding of a `_id`, usable as a map key (BSON values are not `Hash`).
+fn id_key(id: &Bson) -> Vec<u8> {
+    mongodb::bson::to_vec(&doc! {"": id.clone()}).unwrap_or_default()
+}
+
+/// Keeps the last operation for each source `_id`, in the order of those last occurrences.
+pub fn coalesce(ops: Vec<Op>) -> Vec<Op> {
+    let mut last: HashMap<Vec<u8>, usize> = HashMap::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        last.insert(id_key(op.id()), i);
+    }
+    ops.into_iter()
+        .enumerate()
+        .filter(|(i, op)| last.get(&id_key(op.id())) == Some(i))
+        .map(|(_, op)| op)
+        .collect()
+}
+
+/// The statements that carry one coalesced batch to a follower: one `delete` command, then
+/// one `update` command.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub deletes: Vec<Document>,
+    pub upserts: Vec<Document>,
+}
+
+impl Plan {
+    /// `careful` adds, for each keyed upsert, a delete of follower documents that would block
+    /// it: one with the same `_id` but another key (the key changed on the source), or one
+    /// with the key but another `_id` (a document that did not come from this source, or an
+    /// older incarnation of the key). The fast plan is tried first; the careful one only
+    /// when the follower reports such a conflict.
+    pub fn build(ops: &[Op], key_field: &str, careful: bool) -> Plan {
+        let mut plan = Plan::default();
+        for op in ops {
+            match op {
+                Op::Delete { id } => plan
+                    .deletes
+                    .push(doc! {"q": {"_id": id.clone()}, "limit": 1}),
+                Op::Upsert { id, key, doc } => {
+                    let q = match key {
+                        Some(k) => doc! {key_field: k.clone()},
+                        None => doc! {"_id": id.clone()},
+                    };
+                    if careful {
+                        if let Some(k) = key {
+                            plan.deletes.push(doc! {
+                                "q": {"$or": [
+                                    {"_id": id.clone(), key_field: {"$ne": k.clone()}},
+                                    {key_field: k.clone(), "_id": {"$ne": id.clone()}},
+                                ]},
+                                "limit": 0,
+                            });
+                        }
+                    }
+                    plan.upserts
+                        .push(doc! {"q": q, "u": doc.clone(), "upsert": true, "multi": false});
+                }
+            }
+        }
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(id: i32, key: &str, v: i32) -> Op {
+        Op::Upsert {
+            id: Bson::Int32(id),
+            key: Some(Bson::String(key.into())),
+            doc: doc! {"_id": id, "dataId": key, "v": v},
+        }
+    }
+
+    #[test]
+    fn coalesce_keeps_the_last_op_per_id() {
+        let ops = vec![
+            up(1, "a", 1),
+            up(2, "b", 1),
+            up(1, "a", 2),
+            Op::Delete { id: Bson::Int32(2) },
+        ];
+        assert_eq!(
+            coalesce(ops),
+            vec![up(1, "a", 2), Op::Delete { id: Bson::Int32(2) }]
+        );
+    }
+
+    #[test]
+    fn delete_then_reinsert_of_a_key_under_a_new_id_deletes_first() {
+        // dataId "a" lived under _id 1, was deleted, and re-inserted under _id 2.
+        let ops = coalesce(vec![
+            up(1, "a", 1),
+            Op::Delete { id: Bson::Int32(1) },
+            up(2, "a", 2),
+        ]);
+        let plan = Plan::build(&ops, "dataId", false);
+        assert_eq!(plan.deletes, vec![doc! {"q": {"_id": 1}, "limit": 1}]);
+        assert_eq!(plan.upserts.len(), 1);
+        assert_eq!(
+            plan.upserts[0]
+                .get_document("u")
+                .unwrap()
+                .get_i32("_id")
+                .unwrap(),
+            2
+        );
+    }
+
+    #[test]
+    fn missing_key_follows_the_policy() {
+        let d = doc! {"_id": 7, "x": 1};
+        assert_eq!(
+            upsert_for(d.clone(), "dataId", MissingKey::Skip).unwrap(),
+            Err(Skip::MissingKey { id: Bson::Int32(7) })
+        );
+        let op = upsert_for(d.clone(), "dataId", MissingKey::UseId)
+            .unwrap()
+            .unwrap();
+        let plan = Plan::build(&[op], "dataId", true);
+        assert_eq!(plan.upserts[0].get_document("q").unwrap(), &doc! {"_id": 7});
+        assert!(plan.deletes.is_empty());
+        let e = upsert_for(d, "dataId", MissingKey::Fail).unwrap_err();
+        assert!(e.to_string().contains("no `dataId` field"));
+    }
+
+    #[test]
+    fn null_key_counts_as_missing() {
+        let d = doc! {"_id": 7, "dataId": Bson::Null};
+        assert!(upsert_for(d, "dataId", MissingKey::Skip).unwrap().is_err());
+    }
+
+    #[test]
+    fn nested_key_fields_are_found() {
+        let d = doc! {"_id": 1, "meta": {"id": "k"}};
+        let op = upsert_for(d, "meta.id", MissingKey::Fail).unwrap().unwrap();
+        assert!(matches!(op, Op::Upsert { key: Some(Bson::String(ref k)), .. } if k == "k"));
+    }
+
+    #[test]
+    fn careful_plan_clears_blocking_documents() {
+        let plan = Plan::build(&[up(1, "a", 1)], "dataId", true);
+        assert_eq!(plan.deletes.len(), 1);
+        assert_eq!(plan.deletes[0].get_i32("limit").unwrap(), 0);
+    }
+}

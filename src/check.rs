@@ -1,0 +1,887 @@
+//! The consistency check: does every follower hold exactly what the source holds? And the
+//! repair that makes it so.
+//!
+//! How it works (also in the README, "How the check works"):
+//! 1. **Counts.** Both sides are counted first (reported, and a quick hint).
+//! 2. **Range hashes.** Both sides are streamed once, in key order, as raw BSON. The source
+//!    stream is cut into ranges of `--range-size` keys; the follower stream is cut at the same
+//!    key boundaries. Each range is hashed (SHA-256 over the raw document bytes) on both
+//!    sides. Equal hashes mean equal bytes, and the range is done; documents are never
+//!    decoded on this path. Memory holds one document per side plus one hash per differing
+//!    range, whatever the collection's size.
+//! 3. **Descend.** Only ranges whose hashes differ are read again, bounded by their keys,
+//!    and compared document by document: missing on the follower, extra on the follower, or
+//!    different content (byte-exact BSON by default, so int32 vs int64 differs;
+//!    `--ignore-field-order` compares with fields sorted).
+//! 4. **Recheck.** A difference may be a change still in flight. Differing keys are looked
+//!    up again on both sides after `--recheck-delay`, up to `--recheck-rounds` times; only
+//!    differences that persist are reported.
+//!
+//! `--repair` then rewrites each differing key from the source's current document (or
+//! deletes it), and checks again; it repeats while writes race it, a bounded number of
+//! times. It never writes a source document older than the one it just read, and the final
+//! check proves the result.
+
+use std::cmp::Ordering;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
+use mongodb::{Client, Collection};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{redact, Config};
+use crate::follower::Follower;
+
+/// `mongo-replicator check` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Check only this follower.
+    #[arg(long)]
+    pub follower: Option<String>,
+    /// Rewrite what differs on the follower from the source, then check again.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Treat documents that differ only in field order as equal.
+    #[arg(long)]
+    pub ignore_field_order: bool,
+    /// Sample keys shown per kind of difference.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Keys per hashed range.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub range_size: u32,
+    /// Wait before rechecking differing keys.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub recheck_delay: Duration,
+    /// Rechecks of differing keys before they are reported.
+    #[arg(long, default_value_t = 3)]
+    pub recheck_rounds: u32,
+}
+
+/// The exit codes of the contract.
+pub const EXIT_SAME: u8 = 0;
+pub const EXIT_DIFFERENT: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_CANNOT_RUN: u8 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Missing,
+    Extra,
+    Different,
+}
+
+/// The result for one (collection, follower).
+#[derive(Debug, Default, Serialize)]
+pub struct PairReport {
+    pub collection: String,
+    pub follower: String,
+    pub source_count: u64,
+    pub follower_count: u64,
+    /// Source documents compared (those with the key field).
+    pub checked: u64,
+    pub ranges: u64,
+    pub ranges_differing: u64,
+    pub missing: u64,
+    pub extra: u64,
+    pub different: u64,
+    pub samples_missing: Vec<String>,
+    pub samples_extra: Vec<String>,
+    pub samples_different: Vec<String>,
+    /// Documents without the key field, which the keyed comparison leaves out.
+    pub source_without_key: u64,
+    pub follower_without_key: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<RepairReport>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RepairReport {
+    pub upserted: u64,
+    pub deleted: u64,
+    pub rounds: u32,
+}
+
+impl PairReport {
+    pub fn consistent(&self) -> bool {
+        self.missing == 0 && self.extra == 0 && self.different == 0
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub consistent: bool,
+    pub pairs: Vec<PairReport>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    CannotRun(String),
+}
+
+fn cannot_run(what: &str, e: mongodb::error::Error) -> CheckError {
+    CheckError::CannotRun(format!(
+        "{what}: {}",
+        crate::source::one_line(&redact(&e.to_string()))
+    ))
+}
+
+/// The `check` subcommand.
+pub async fn main(args: CheckArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log.level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(&config, &args).await {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", render(&report, args.repair));
+            }
+            ExitCode::from(if report.consistent {
+                EXIT_SAME
+            } else {
+                EXIT_DIFFERENT
+            })
+        }
+        Err(CheckError::Usage(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(CheckError::CannotRun(m)) => {
+            eprintln!("error: could not run the check: {m}");
+            ExitCode::from(EXIT_CANNOT_RUN)
+        }
+    }
+}
+
+/// Checks (and repairs, with `--repair`) every selected pair.
+pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError> {
+    let followers: Vec<_> = match &args.follower {
+        Some(name) => vec![config.follower(name).ok_or_else(|| {
+            CheckError::Usage(format!("no follower named `{name}` in the config"))
+        })?],
+        None => config.followers.iter().collect(),
+    };
+    let source = crate::source::client(&config.source.uri, "source")
+        .await
+        .map_err(|e| CheckError::CannotRun(e.to_string()))?;
+    reachable(&source, "source").await?;
+    let mut pairs = Vec::new();
+    for fcfg in followers {
+        let f = Follower::new(
+            fcfg,
+            &config.source.database,
+            &config.replication.state_database,
+            &config.replication.key_field,
+            config.node_id(),
+        )
+        .await
+        .map_err(|e| CheckError::CannotRun(e.to_string()))?;
+        reachable(f.client(), &format!("follower {}", f.name)).await?;
+        for coll in &config.source.collections {
+            let checker = Checker {
+                src: source.database(&config.source.database).collection(coll),
+                fol: f
+                    .client()
+                    .database(&config.source.database)
+                    .collection(coll),
+                key: config.replication.key_field.clone(),
+                args: args.clone(),
+                label: format!("{coll} -> {}", f.name),
+            };
+            let (mut report, mut keys) = checker.check(coll, &f.name).await?;
+            if args.repair && !report.consistent() {
+                // Writes may race the repair (the replicator runs on); each round rewrites
+                // what still differs from the source's current documents, then checks.
+                let mut total = RepairReport::default();
+                for round in 1..=3 {
+                    let r = checker.repair(&keys).await?;
+                    total.upserted += r.upserted;
+                    total.deleted += r.deleted;
+                    total.rounds = round;
+                    (report, keys) = checker.check(coll, &f.name).await?;
+                    if report.consistent() {
+                        break;
+                    }
+                }
+                report.repaired = Some(total);
+            }
+            pairs.push(report);
+        }
+    }
+    Ok(Report {
+        consistent: pairs.iter().all(|p| p.consistent()),
+        pairs,
+    })
+}
+
+async fn reachable(client: &Client, what: &str) -> Result<(), CheckError> {
+    client
+        .database("admin")
+        .run_command(doc! {"ping": 1})
+        .await
+        .map(|_| ())
+        .map_err(|e| cannot_run(&format!("cannot reach the {what}"), e))
+}
+
+struct Checker {
+    src: Collection<Document>,
+    fol: Collection<Document>,
+    key: String,
+    args: CheckArgs,
+    label: String,
+}
+
+/// One document of a key-ordered stream: its key, `_id` and raw bytes.
+struct Item {
+    key: Bson,
+    raw: RawDocumentBuf,
+}
+
+type Cursor = mongodb::Cursor<RawDocumentBuf>;
+
+/// A peekable key-ordered stream of one side.
+struct Side {
+    cursor: Cursor,
+    peeked: Option<Item>,
+    key: String,
+    done: bool,
+}
+
+impl Side {
+    async fn peek(&mut self) -> Result<Option<&Item>, mongodb::error::Error> {
+        if self.peeked.is_none() && !self.done {
+            match self.cursor.try_next().await? {
+                Some(raw) => {
+                    let key = raw_key(&raw, &self.key).unwrap_or(Bson::Null);
+                    self.peeked = Some(Item { key, raw });
+                }
+                None => self.done = true,
+            }
+        }
+        Ok(self.peeked.as_ref())
+    }
+
+    async fn next(&mut self) -> Result<Option<Item>, mongodb::error::Error> {
+        self.peek().await?;
+        Ok(self.peeked.take())
+    }
+}
+
+/// The key of a raw document (dotted paths descend into sub-documents).
+fn raw_key(raw: &RawDocumentBuf, path: &str) -> Option<Bson> {
+    let mut parts = path.split('.');
+    let first = parts.next()?;
+    let mut cur: Bson = raw.get(first).ok()??.to_raw_bson().try_into().ok()?;
+    for p in parts {
+        cur = cur.as_document()?.get(p)?.clone();
+    }
+    Some(cur)
+}
+
+/// A difference found by the descend step, before rechecking.
+#[derive(Debug, Clone)]
+struct Diff {
+    kind: Kind,
+    key: Bson,
+}
+
+impl Checker {
+    fn keyed(&self) -> Document {
+        doc! {&self.key: {"$exists": true, "$ne": Bson::Null}}
+    }
+
+    async fn open(
+        &self,
+        coll: &Collection<Document>,
+        filter: Document,
+        what: &str,
+    ) -> Result<Side, CheckError> {
+        let cursor = coll
+            .clone_with_type::<RawDocumentBuf>()
+            .find(filter)
+            .sort(doc! {&self.key: 1, "_id": 1})
+            .allow_disk_use(true)
+            .batch_size(1000)
+            .await
+            .map_err(|e| cannot_run(what, e))?;
+        Ok(Side {
+            cursor,
+            peeked: None,
+            key: self.key.clone(),
+            done: false,
+        })
+    }
+
+    /// Checks one pair; returns the report and every key that differs persistently.
+    async fn check(
+        &self,
+        coll: &str,
+        follower: &str,
+    ) -> Result<(PairReport, Vec<Bson>), CheckError> {
+        let started = Instant::now();
+        let mut report = PairReport {
+            collection: coll.to_string(),
+            follower: follower.to_string(),
+            ..Default::default()
+        };
+        report.source_count = self
+            .src
+            .count_documents(doc! {})
+            .await
+            .map_err(|e| cannot_run("source", e))?;
+        report.follower_count = self
+            .fol
+            .count_documents(doc! {})
+            .await
+            .map_err(|e| cannot_run("follower", e))?;
+        let unkeyed = doc! {"$or": [{&self.key: {"$exists": false}}, {&self.key: Bson::Null}]};
+        report.source_without_key = self
+            .src
+            .count_documents(unkeyed.clone())
+            .await
+            .map_err(|e| cannot_run("source", e))?;
+        report.follower_without_key = self
+            .fol
+            .count_documents(unkeyed)
+            .await
+            .map_err(|e| cannot_run("follower", e))?;
+
+        // Pass 1: range hashes.
+        let mut src = self.open(&self.src, self.keyed(), "source").await?;
+        let mut fol = self.open(&self.fol, self.keyed(), "follower").await?;
+        let mut differing: Vec<(Option<Bson>, Option<Bson>)> = Vec::new();
+        let mut lo: Option<Bson> = None;
+        let progress = Progress::new(&self.label);
+        loop {
+            let mut hs = Sha256::new();
+            let mut hf = Sha256::new();
+            let mut n = 0u32;
+            let mut hi: Option<Bson> = None;
+            while n < self.args.range_size {
+                match src.next().await.map_err(|e| cannot_run("source", e))? {
+                    Some(item) => {
+                        hs.update(item.raw.as_bytes());
+                        hi = Some(item.key);
+                        n += 1;
+                    }
+                    None => break,
+                }
+            }
+            report.checked += n as u64;
+            let last = src.done && src.peeked.is_none();
+            // The follower's documents up to the same boundary (all the rest after the last).
+            let mut m = 0u64;
+            loop {
+                let take = match fol.peek().await.map_err(|e| cannot_run("follower", e))? {
+                    None => false,
+                    Some(item) => {
+                        last || hi
+                            .as_ref()
+                            .is_some_and(|h| cmp_bson(&item.key, h) != Ordering::Greater)
+                    }
+                };
+                if !take {
+                    break;
+                }
+                if let Some(item) = fol.next().await.map_err(|e| cannot_run("follower", e))? {
+                    hf.update(item.raw.as_bytes());
+                    m += 1;
+                }
+            }
+            if n == 0 && m == 0 {
+                break;
+            }
+            report.ranges += 1;
+            if n as u64 != m || hs.finalize() != hf.finalize() {
+                report.ranges_differing += 1;
+                differing.push((lo.clone(), if last { None } else { hi.clone() }));
+            }
+            progress.tick(report.checked);
+            if last {
+                break;
+            }
+            lo = hi;
+        }
+        progress.done(report.checked);
+
+        // Pass 2: descend into the differing ranges.
+        let mut diffs = Vec::new();
+        for (lo, hi) in &differing {
+            let mut range = self.keyed();
+            let mut bounds = Document::new();
+            if let Some(l) = lo {
+                bounds.insert("$gt", l.clone());
+            }
+            if let Some(h) = hi {
+                bounds.insert("$lte", h.clone());
+            }
+            if !bounds.is_empty() {
+                range = doc! {"$and": [range, {&self.key: bounds}]};
+            }
+            let mut s = self.open(&self.src, range.clone(), "source").await?;
+            let mut f = self.open(&self.fol, range, "follower").await?;
+            self.diff_streams(&mut s, &mut f, &mut diffs).await?;
+        }
+
+        // Recheck what differs, to drop changes that were only in flight.
+        let mut rounds = 0;
+        while !diffs.is_empty() && rounds < self.args.recheck_rounds {
+            tokio::time::sleep(self.args.recheck_delay).await;
+            let mut still = Vec::new();
+            for d in diffs {
+                if let Some(kind) = self.compare_key(&d.key).await? {
+                    still.push(Diff { kind, key: d.key });
+                }
+            }
+            diffs = still;
+            rounds += 1;
+        }
+        for d in &diffs {
+            let (count, samples) = match d.kind {
+                Kind::Missing => (&mut report.missing, &mut report.samples_missing),
+                Kind::Extra => (&mut report.extra, &mut report.samples_extra),
+                Kind::Different => (&mut report.different, &mut report.samples_different),
+            };
+            *count += 1;
+            if samples.len() < self.args.samples {
+                samples.push(d.key.to_string());
+            }
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok((report, diffs.into_iter().map(|d| d.key).collect()))
+    }
+
+    /// Merge-joins two key-ordered streams, document by document.
+    async fn diff_streams(
+        &self,
+        s: &mut Side,
+        f: &mut Side,
+        out: &mut Vec<Diff>,
+    ) -> Result<(), CheckError> {
+        loop {
+            let sk = s
+                .peek()
+                .await
+                .map_err(|e| cannot_run("source", e))?
+                .map(|i| i.key.clone());
+            let fk = f
+                .peek()
+                .await
+                .map_err(|e| cannot_run("follower", e))?
+                .map(|i| i.key.clone());
+            match (sk, fk) {
+                (None, None) => return Ok(()),
+                (Some(k), None) => {
+                    s.next().await.map_err(|e| cannot_run("source", e))?;
+                    push_diff(out, Kind::Missing, k);
+                }
+                (None, Some(k)) => {
+                    f.next().await.map_err(|e| cannot_run("follower", e))?;
+                    push_diff(out, Kind::Extra, k);
+                }
+                (Some(a), Some(b)) => match cmp_bson(&a, &b) {
+                    Ordering::Less => {
+                        s.next().await.map_err(|e| cannot_run("source", e))?;
+                        push_diff(out, Kind::Missing, a);
+                    }
+                    Ordering::Greater => {
+                        f.next().await.map_err(|e| cannot_run("follower", e))?;
+                        push_diff(out, Kind::Extra, b);
+                    }
+                    Ordering::Equal => {
+                        let x = s.next().await.map_err(|e| cannot_run("source", e))?;
+                        let y = f.next().await.map_err(|e| cannot_run("follower", e))?;
+                        if let (Some(x), Some(y)) = (x, y) {
+                            if !self.same(&x.raw, &y.raw) {
+                                push_diff(out, Kind::Different, a);
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn same(&self, a: &RawDocumentBuf, b: &RawDocumentBuf) -> bool {
+        if a.as_bytes() == b.as_bytes() {
+            return true;
+        }
+        if !self.args.ignore_field_order {
+            return false;
+        }
+        match (
+            Document::try_from(a.as_ref()),
+            Document::try_from(b.as_ref()),
+        ) {
+            (Ok(x), Ok(y)) => sorted(&Bson::Document(x)) == sorted(&Bson::Document(y)),
+            _ => false,
+        }
+    }
+
+    /// Compares one key on both sides now; `None` when they agree.
+    async fn compare_key(&self, key: &Bson) -> Result<Option<Kind>, CheckError> {
+        let filter = doc! {&self.key: key.clone()};
+        let s = self.fetch(&self.src, filter.clone(), "source").await?;
+        let f = self.fetch(&self.fol, filter, "follower").await?;
+        Ok(match (s.len(), f.len()) {
+            (0, 0) => None,
+            (_, 0) => Some(Kind::Missing),
+            (0, _) => Some(Kind::Extra),
+            (a, b) if a != b => Some(if a > b { Kind::Missing } else { Kind::Extra }),
+            _ => {
+                if s.iter().zip(f.iter()).all(|(x, y)| self.same(x, y)) {
+                    None
+                } else {
+                    Some(Kind::Different)
+                }
+            }
+        })
+    }
+
+    async fn fetch(
+        &self,
+        coll: &Collection<Document>,
+        filter: Document,
+        what: &str,
+    ) -> Result<Vec<RawDocumentBuf>, CheckError> {
+        coll.clone_with_type::<RawDocumentBuf>()
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .await
+            .map_err(|e| cannot_run(what, e))?
+            .try_collect()
+            .await
+            .map_err(|e| cannot_run(what, e))
+    }
+
+    /// Rewrites each key on the follower from the source's current documents.
+    async fn repair(&self, keys: &[Bson]) -> Result<RepairReport, CheckError> {
+        let mut r = RepairReport::default();
+        for key in keys {
+            let filter = doc! {&self.key: key.clone()};
+            let docs: Vec<Document> = self
+                .src
+                .find(filter.clone())
+                .await
+                .map_err(|e| cannot_run("source", e))?
+                .try_collect()
+                .await
+                .map_err(|e| cannot_run("source", e))?;
+            let ids: Vec<Bson> = docs.iter().filter_map(|d| d.get("_id").cloned()).collect();
+            // Remove follower documents with this key that the source does not have (by _id).
+            let del = self
+                .fol
+                .delete_many(doc! {"$and": [filter.clone(), {"_id": {"$nin": ids.clone()}}]})
+                .await
+                .map_err(|e| cannot_run("follower", e))?;
+            r.deleted += del.deleted_count;
+            for d in docs {
+                let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+                // A follower document with this _id but another key would block the write.
+                let del = self
+                    .fol
+                    .delete_many(doc! {"_id": id.clone(), &self.key: {"$ne": key.clone()}})
+                    .await
+                    .map_err(|e| cannot_run("follower", e))?;
+                r.deleted += del.deleted_count;
+                self.fol
+                    .replace_one(doc! {"_id": id}, d)
+                    .upsert(true)
+                    .await
+                    .map_err(|e| cannot_run("follower", e))?;
+                r.upserted += 1;
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn push_diff(out: &mut Vec<Diff>, kind: Kind, key: Bson) {
+    out.push(Diff { kind, key });
+}
+
+/// A value with every document's fields sorted, recursively.
+fn sorted(b: &Bson) -> Bson {
+    match b {
+        Bson::Document(d) => {
+            let mut keys: Vec<&String> = d.keys().collect();
+            keys.sort();
+            let mut out = Document::new();
+            for k in keys {
+                out.insert(k.clone(), sorted(&d[k]));
+            }
+            Bson::Document(out)
+        }
+        Bson::Array(a) => Bson::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The rank of a value's type in MongoDB's sort order.
+fn type_rank(b: &Bson) -> u8 {
+    match b {
+        Bson::MinKey => 1,
+        Bson::Null | Bson::Undefined => 2,
+        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 3,
+        Bson::String(_) | Bson::Symbol(_) => 4,
+        Bson::Document(_) => 5,
+        Bson::Array(_) => 6,
+        Bson::Binary(_) => 7,
+        Bson::ObjectId(_) => 8,
+        Bson::Boolean(_) => 9,
+        Bson::DateTime(_) => 10,
+        Bson::Timestamp(_) => 11,
+        Bson::RegularExpression(_) => 12,
+        Bson::MaxKey => 14,
+        _ => 13,
+    }
+}
+
+fn as_f64(b: &Bson) -> Option<f64> {
+    match b {
+        Bson::Double(v) => Some(*v),
+        Bson::Int32(v) => Some(*v as f64),
+        Bson::Int64(v) => Some(*v as f64),
+        Bson::Decimal128(d) => d.to_string().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Compares two keys as MongoDB sorts them (for the types keys are made of; other types
+/// compare by their encoding, consistently on both sides).
+pub fn cmp_bson(a: &Bson, b: &Bson) -> Ordering {
+    let (ra, rb) = (type_rank(a), type_rank(b));
+    if ra != rb {
+        return ra.cmp(&rb);
+    }
+    match (a, b) {
+        (Bson::String(x), Bson::String(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Bson::ObjectId(x), Bson::ObjectId(y)) => x.bytes().cmp(&y.bytes()),
+        (Bson::Boolean(x), Bson::Boolean(y)) => x.cmp(y),
+        (Bson::DateTime(x), Bson::DateTime(y)) => x.cmp(y),
+        (Bson::Timestamp(x), Bson::Timestamp(y)) => {
+            (x.time, x.increment).cmp(&(y.time, y.increment))
+        }
+        _ if ra == 3 => as_f64(a)
+            .zip(as_f64(b))
+            .and_then(|(x, y)| x.partial_cmp(&y))
+            .unwrap_or(Ordering::Equal),
+        (Bson::Binary(x), Bson::Binary(y)) => (x.bytes.len(), u8::from(x.subtype), &x.bytes)
+            .cmp(&(y.bytes.len(), u8::from(y.subtype), &y.bytes)),
+        _ => {
+            let ea = mongodb::bson::to_vec(&doc! {"": a.clone()}).unwrap_or_default();
+            let eb = mongodb::bson::to_vec(&doc! {"": b.clone()}).unwrap_or_default();
+            ea.cmp(&eb)
+        }
+    }
+}
+
+/// Progress on a terminal (a rewritten line), log lines otherwise.
+struct Progress {
+    label: String,
+    tty: bool,
+    started: Instant,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(label: &str) -> Progress {
+        Progress {
+            label: label.to_string(),
+            tty: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+            last: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn tick(&self, n: u64) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let every = if self.tty {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if last.elapsed() < every {
+            return;
+        }
+        *last = Instant::now();
+        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        if self.tty {
+            eprint!("\r{}: {n} documents checked ({rate:.0}/s)   ", self.label);
+        } else {
+            tracing::info!(pair = %self.label, checked = n, rate_per_s = rate as u64, "check progress");
+        }
+    }
+
+    fn done(&self, n: u64) {
+        if self.tty && self.started.elapsed() > Duration::from_millis(200) {
+            eprintln!("\r{}: {n} documents checked            ", self.label);
+        }
+    }
+}
+
+/// The human summary.
+pub fn render(report: &Report, repair: bool) -> String {
+    let mut out = String::new();
+    for p in &report.pairs {
+        out.push_str(&format!(
+            "{} -> {}: {} documents checked (source {}, follower {}), {} missing, {} extra, {} different ({:.1}s)\n",
+            p.collection, p.follower, p.checked, p.source_count, p.follower_count,
+            p.missing, p.extra, p.different, p.seconds
+        ));
+        for (name, s) in [
+            ("missing", &p.samples_missing),
+            ("extra", &p.samples_extra),
+            ("different", &p.samples_different),
+        ] {
+            if !s.is_empty() {
+                out.push_str(&format!("  {name}: {}\n", s.join(", ")));
+            }
+        }
+        if p.source_without_key > 0 || p.follower_without_key > 0 {
+            out.push_str(&format!(
+                "  not compared (no key field): source {}, follower {}\n",
+                p.source_without_key, p.follower_without_key
+            ));
+        }
+        if let Some(r) = &p.repaired {
+            out.push_str(&format!(
+                "  repaired: {} upserted, {} deleted in {} round(s)\n",
+                r.upserted, r.deleted, r.rounds
+            ));
+        }
+    }
+    out.push_str(if report.consistent {
+        if repair {
+            "result: consistent (after repair)\n"
+        } else {
+            "result: consistent\n"
+        }
+    } else {
+        "result: DIFFERENCES FOUND\n"
+    });
+    out
+}
+
+/// A count-level comparison, quick enough to poll (`GET /sync-check`).
+#[derive(Debug, Serialize)]
+pub struct CountReport {
+    pub in_sync: bool,
+    pub collections: Vec<CountRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CountRow {
+    pub collection: String,
+    pub follower: String,
+    pub source_count: Option<u64>,
+    pub follower_count: Option<u64>,
+    pub error: Option<String>,
+}
+
+pub async fn count_check(
+    config: &Config,
+    source: &Client,
+    followers: &[Arc<Follower>],
+) -> CountReport {
+    let mut rows = Vec::new();
+    let mut in_sync = true;
+    for c in &config.source.collections {
+        let src = source
+            .database(&config.source.database)
+            .collection::<Document>(c)
+            .count_documents(doc! {})
+            .await
+            .map_err(|e| redact(&e.to_string()));
+        for f in followers {
+            let fol = f
+                .client()
+                .database(&config.source.database)
+                .collection::<Document>(c)
+                .count_documents(doc! {})
+                .await
+                .map_err(|e| redact(&e.to_string()));
+            let error = match (&src, &fol) {
+                (Err(e), _) => Some(format!("source: {e}")),
+                (_, Err(e)) => Some(format!("follower: {e}")),
+                _ => None,
+            };
+            let (sc, fc) = (src.as_ref().ok().copied(), fol.as_ref().ok().copied());
+            if error.is_some() || sc != fc {
+                in_sync = false;
+            }
+            rows.push(CountRow {
+                collection: c.clone(),
+                follower: f.name.clone(),
+                source_count: sc,
+                follower_count: fc,
+                error,
+            });
+        }
+    }
+    CountReport {
+        in_sync,
+        collections: rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_as_mongodb_sorts_them() {
+        assert_eq!(cmp_bson(&Bson::Int32(2), &Bson::Int64(10)), Ordering::Less);
+        assert_eq!(
+            cmp_bson(&Bson::Int32(2), &Bson::Double(2.0)),
+            Ordering::Equal
+        );
+        assert_eq!(
+            cmp_bson(&Bson::Int64(5), &Bson::String("a".into())),
+            Ordering::Less
+        );
+        assert_eq!(
+            cmp_bson(&Bson::String("b".into()), &Bson::String("ab".into())),
+            Ordering::Greater
+        );
+    }
+
+    #[test]
+    fn field_order_is_ignored_only_when_asked() {
+        let a = sorted(&Bson::Document(doc! {"b": 1, "a": {"y": 1, "x": 2}}));
+        let b = sorted(&Bson::Document(doc! {"a": {"x": 2, "y": 1}, "b": 1}));
+        assert_eq!(a, b);
+    }
+}

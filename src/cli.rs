@@ -1,0 +1,156 @@
+//! The small subcommands that talk to a running node: `status` and `resync`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::Config;
+use crate::follower::Follower;
+use crate::lease::Lease;
+use crate::status::StatusReport;
+
+/// The base URL of this config's node (a wildcard listen address is reached on loopback).
+pub fn base_url(config: &Config) -> String {
+    let listen = config
+        .http
+        .listen
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("[::]", "[::1]");
+    format!("http://{listen}")
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default()
+}
+
+pub async fn status(config: &Config, json: bool) -> ExitCode {
+    let url = format!("{}/status", base_url(config));
+    let resp = match http().get(&url).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: no running node answers at {url}: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let text = match resp.text().await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: reading {url}: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    if json {
+        println!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    let report: StatusReport = match serde_json::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {url} answered something that is not a status: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    print!("{}", render_status(&report));
+    ExitCode::SUCCESS
+}
+
+fn opt(v: Option<i64>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// The status as a readable table.
+pub fn render_status(r: &StatusReport) -> String {
+    let mut out = format!("node {}  role {}  term {}", r.node_id, r.role, r.term);
+    match (&r.lease.holder, r.lease.expires_in_ms) {
+        (Some(h), Some(ms)) => out.push_str(&format!(
+            "  lease held by {h}, {:.1}s left\n",
+            ms as f64 / 1000.0
+        )),
+        (Some(h), None) => out.push_str(&format!("  lease held by {h}\n")),
+        _ => out.push_str("  lease free\n"),
+    }
+    out.push_str(&format!(
+        "{:<16} {:<14} {:>12} {:>10} {:>18}  {}\n",
+        "FOLLOWER", "STATE", "APPLIED", "LAG_MS", "CHECKPOINT_AGE_MS", "LAST_ERROR"
+    ));
+    for f in &r.followers {
+        let state = serde_json::to_value(f.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<16} {:<14} {:>12} {:>10} {:>18}  {}\n",
+            f.name,
+            state,
+            f.applied_events,
+            opt(f.lag_ms),
+            opt(f.checkpoint_age_ms),
+            f.last_error.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}
+
+/// Asks the running leader to resync; with no node running, clears the follower's
+/// checkpoints so that the next `run` copies it again.
+pub async fn resync(config: &Config, follower: &str) -> ExitCode {
+    let Some(fcfg) = config.follower(follower) else {
+        eprintln!("error: no follower named `{follower}` in the config");
+        return ExitCode::from(2);
+    };
+    let url = format!("{}/resync/{follower}", base_url(config));
+    match http().post(&url).send().await {
+        Ok(resp) => {
+            let code = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            if code.is_success() {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            eprint!("error: {text}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) if e.is_connect() => {}
+        Err(e) => {
+            eprintln!("error: {url}: {e}");
+            return ExitCode::from(3);
+        }
+    }
+    // No node here: reset offline, unless some node holds the lease.
+    let run = async {
+        let source = crate::source::client(&config.source.uri, "source").await?;
+        let lease = Lease::new(source, config);
+        let (view, term) = lease.view().await?;
+        if let Some(holder) = view.holder {
+            anyhow::bail!("node `{holder}` holds the lease; run resync where it runs (its [http] listen address)");
+        }
+        let f = Follower::new(
+            fcfg,
+            &config.source.database,
+            &config.replication.state_database,
+            &config.replication.key_field,
+            config.node_id(),
+        )
+        .await?;
+        let store = CheckpointStore::open(&config.checkpoint.token_file, &config.source.database)?;
+        for c in &config.source.collections {
+            f.clear_checkpoint(c, term).await?;
+            store.reset(c, follower);
+        }
+        store.flush().await?;
+        anyhow::Ok(())
+    };
+    match run.await {
+        Ok(()) => {
+            println!("no node was running: cleared the checkpoints of follower `{follower}`; the next `mongo-replicator run` copies it again, then streams");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", crate::config::redact(&format!("{e:#}")));
+            ExitCode::from(3)
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! The configuration file: loading, validation and secret redaction.
+//!
+//! The keys are part of the interface contract (see the README's config reference). Every
+//! error names the key that is wrong, on one line, and never shows a password from a URI.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// An invalid configuration: one line that names the key, suitable for a user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn key(key: &str, msg: impl std::fmt::Display) -> Self {
+        ConfigError(format!("config key `{key}`: {msg}"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Unique per replicator node; `--node-id` or `MONGO_REPLICATOR_NODE_ID` override it.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub followers: Vec<FollowerConfig>,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub lease: LeaseConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub uri: String,
+    pub database: String,
+    pub collections: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowerConfig {
+    pub name: String,
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// Log and count the document, and replicate nothing for it.
+    Skip,
+    /// Match the follower's document on `_id` instead of the key field.
+    UseId,
+    /// Stop that follower's pipeline with the reason in its status.
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitialSync {
+    Auto,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnHistoryLost {
+    Resync,
+    Fail,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    pub key_field: String,
+    pub missing_key: MissingKey,
+    pub batch_max_docs: usize,
+    #[serde(with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+    pub initial_sync: InitialSync,
+    pub on_history_lost: OnHistoryLost,
+    pub state_database: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            key_field: "dataId".into(),
+            missing_key: MissingKey::Skip,
+            batch_max_docs: 1000,
+            batch_max_wait: Duration::from_millis(20),
+            initial_sync: InitialSync::Auto,
+            on_history_lost: OnHistoryLost::Resync,
+            state_database: "mongo_replicator".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    pub token_file: PathBuf,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            token_file: PathBuf::from("./state/tokens.json"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub renew_interval: Duration,
+    pub database: String,
+    pub collection: String,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: Duration::from_secs(10),
+            renew_interval: Duration::from_secs(3),
+            database: "mongo_replicator".into(),
+            collection: "leases".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths in it (the token file) are
+    /// taken relative to the current directory, like every other path a user types.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        let config = Config::parse(&text)
+            .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.0)))?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = one_line(inner.message());
+            let line = inner
+                .span()
+                .map(|s| {
+                    format!(
+                        " (line {})",
+                        text[..s.start.min(text.len())].lines().count().max(1)
+                    )
+                })
+                .unwrap_or_default();
+            if path.is_empty() || path == "." {
+                ConfigError(format!("{msg}{line}"))
+            } else {
+                ConfigError::key(&path, format!("{msg}{line}"))
+            }
+        })?;
+        config.validate()?;
+        register_secrets(&config);
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.node_id {
+            validate_node_id(id).map_err(|m| ConfigError::key("node_id", m))?;
+        }
+        parse_uri("source.uri", &self.source.uri)?;
+        validate_db_name("source.database", &self.source.database)?;
+        if self.source.collections.is_empty() {
+            return Err(ConfigError::key(
+                "source.collections",
+                "lists no collection; name at least one",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for c in &self.source.collections {
+            if c.is_empty() || c.starts_with("system.") || c.contains('$') || c.contains('\0') {
+                return Err(ConfigError::key(
+                    "source.collections",
+                    format!("`{c}` is not a valid collection name"),
+                ));
+            }
+            if !seen.insert(c) {
+                return Err(ConfigError::key(
+                    "source.collections",
+                    format!("`{c}` is listed twice"),
+                ));
+            }
+        }
+        if self.followers.is_empty() {
+            return Err(ConfigError::key(
+                "followers",
+                "no follower configured; add at least one [[followers]] table with name and uri",
+            ));
+        }
+        let source_hosts = host_set(&self.source.uri);
+        let mut names = HashSet::new();
+        for (i, f) in self.followers.iter().enumerate() {
+            let key = format!("followers[{i}]");
+            if f.name.is_empty()
+                || !f
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::key(
+                    &format!("{key}.name"),
+                    format!(
+                        "`{}` is not a valid name: use letters, digits, '-', '_' or '.'",
+                        f.name
+                    ),
+                ));
+            }
+            if !names.insert(f.name.as_str()) {
+                return Err(ConfigError::key(
+                    &format!("{key}.name"),
+                    format!("duplicate follower name `{}`", f.name),
+                ));
+            }
+            parse_uri(&format!("{key}.uri"), &f.uri)?;
+            if !source_hosts.is_empty() && host_set(&f.uri) == source_hosts {
+                return Err(ConfigError::key(
+                    &format!("{key}.uri"),
+                    format!(
+                        "follower `{}` points at the source deployment itself ({})",
+                        f.name,
+                        redact_uri(&f.uri)
+                    ),
+                ));
+            }
+        }
+        let r = &self.replication;
+        if r.key_field.is_empty() || r.key_field.starts_with('$') || r.key_field.contains('\0') {
+            return Err(ConfigError::key(
+                "replication.key_field",
+                format!("`{}` is not a valid field name", r.key_field),
+            ));
+        }
+        if r.batch_max_docs == 0 || r.batch_max_docs > 100_000 {
+            return Err(ConfigError::key(
+                "replication.batch_max_docs",
+                format!("{} is out of range; use 1 to 100000", r.batch_max_docs),
+            ));
+        }
+        if r.batch_max_wait > Duration::from_secs(60) {
+            return Err(ConfigError::key(
+                "replication.batch_max_wait",
+                "is longer than 60s; batches would wait too long",
+            ));
+        }
+        validate_db_name("replication.state_database", &r.state_database)?;
+        if r.state_database == self.source.database {
+            return Err(ConfigError::key(
+                "replication.state_database",
+                "must differ from source.database, or the replicator's state would mix with replicated data",
+            ));
+        }
+        if self.checkpoint.token_file.as_os_str().is_empty() {
+            return Err(ConfigError::key("checkpoint.token_file", "is empty"));
+        }
+        let l = &self.lease;
+        if l.renew_interval < Duration::from_millis(50) {
+            return Err(ConfigError::key(
+                "lease.renew_interval",
+                "must be at least 50ms",
+            ));
+        }
+        if l.ttl <= l.renew_interval * 2 {
+            return Err(ConfigError::key(
+                "lease.ttl",
+                format!(
+                    "must be more than twice lease.renew_interval ({}), so a leader can renew before it expires",
+                    humantime::format_duration(l.renew_interval)
+                ),
+            ));
+        }
+        validate_db_name("lease.database", &l.database)?;
+        if l.database == self.source.database {
+            return Err(ConfigError::key(
+                "lease.database",
+                "must differ from source.database",
+            ));
+        }
+        if l.collection.is_empty() || l.collection.contains('$') {
+            return Err(ConfigError::key(
+                "lease.collection",
+                format!("`{}` is not a valid collection name", l.collection),
+            ));
+        }
+        self.http.listen.parse::<SocketAddr>().map_err(|_| {
+            ConfigError::key(
+                "http.listen",
+                format!(
+                    "`{}` is not an address:port such as 127.0.0.1:9187",
+                    self.http.listen
+                ),
+            )
+        })?;
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.log.level)
+            .map_err(|e| {
+                ConfigError::key(
+                    "log.level",
+                    format!(
+                        "`{}` is not a level or filter (use error, warn, info, debug or trace): {e}",
+                        self.log.level
+                    ),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// The node id in force: the explicit override, else the config's, else the host name.
+    pub fn resolve_node_id(&mut self, override_id: Option<String>) -> Result<(), ConfigError> {
+        if let Some(id) = override_id.filter(|s| !s.is_empty()) {
+            validate_node_id(&id).map_err(|m| ConfigError(format!("--node-id: {m}")))?;
+            self.node_id = Some(id);
+        }
+        if self.node_id.is_none() {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            self.node_id = Some(if host.is_empty() {
+                format!("node-{}", std::process::id())
+            } else {
+                host
+            });
+        }
+        Ok(())
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.node_id.as_deref().unwrap_or("unnamed")
+    }
+
+    pub fn follower(&self, name: &str) -> Option<&FollowerConfig> {
+        self.followers.iter().find(|f| f.name == name)
+    }
+}
+
+fn validate_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "`{id}` is not a valid node id (1 to 128 printable characters)"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_db_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 63
+        || name
+            .chars()
+            .any(|c| "/\\. \"$*<>:|?\0".contains(c) || c.is_control())
+    {
+        return Err(ConfigError::key(
+            key,
+            format!("`{name}` is not a valid database name"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_uri(key: &str, uri: &str) -> Result<mongodb::options::ConnectionString, ConfigError> {
+    if uri.trim().is_empty() {
+        return Err(ConfigError::key(key, "is empty"));
+    }
+    mongodb::options::ConnectionString::parse(uri).map_err(|e| {
+        ConfigError::key(
+            key,
+            format!(
+                "`{}` is not a valid MongoDB URI: {}",
+                redact_uri(uri),
+                redact(&one_line(&e.to_string()))
+            ),
+        )
+    })
+}
+
+/// The set of host:port pairs of a URI, normalised so that `localhost` and `127.0.0.1` match.
+fn host_set(uri: &str) -> Vec<String> {
+    let Ok(cs) = mongodb::options::ConnectionString::parse(uri) else {
+        return Vec::new();
+    };
+    let mut hosts: Vec<String> = match &cs.host_info {
+        mongodb::options::HostInfo::HostIdentifiers(hosts) => hosts
+            .iter()
+            .map(|h| {
+                let s = h.to_string().to_ascii_lowercase();
+                let s = s.replace("localhost", "127.0.0.1");
+                if s.contains(':') {
+                    s
+                } else {
+                    format!("{s}:27017")
+                }
+            })
+            .collect(),
+        other => vec![format!("{other:?}")],
+    };
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+static SECRETS: OnceLock<RwLock<Vec<String>>> = OnceLock::new();
+
+fn register_secrets(config: &Config) {
+    let secrets = SECRETS.get_or_init(|| RwLock::new(Vec::new()));
+    let mut list = secrets.write().unwrap_or_else(|e| e.into_inner());
+    let uris = std::iter::once(&config.source.uri).chain(config.followers.iter().map(|f| &f.uri));
+    for uri in uris {
+        if let Some(userinfo) = userinfo(uri) {
+            if let Some((_, pass)) = userinfo.split_once(':') {
+                if !pass.is_empty() && !list.iter().any(|s| s == pass) {
+                    list.push(pass.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn userinfo(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    authority.rsplit_once('@').map(|(ui, _)| ui)
+}
+
+/// A URI with its password replaced by `***`.
+pub fn redact_uri(uri: &str) -> String {
+    match userinfo(uri) {
+        Some(ui) => match ui.split_once(':') {
+            Some((user, _)) => uri.replacen(ui, &format!("{user}:***"), 1),
+            None => uri.to_string(),
+        },
+        None => uri.to_string(),
+    }
+}
+
+/// Any text (an error from the driver, say) with every known password replaced by `***`.
+pub fn redact(text: &str) -> String {
+    let mut out = text.to_string();
+    if let Some(secrets) = SECRETS.get() {
+        for s in secrets.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            out = out.replace(s.as_str(), "***");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[source]
+uri = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
+database = "app"
+collections = ["data"]
+
+[[followers]]
+name = "node-2"
+uri = "mongodb://127.0.0.1:27018/"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.replication.key_field, "dataId");
+        assert_eq!(c.replication.batch_max_wait, Duration::from_millis(20));
+        assert_eq!(c.lease.ttl, Duration::from_secs(10));
+        assert_eq!(c.followers[0].name, "node-2");
+    }
+
+    #[test]
+    fn documented_example_config_is_valid() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        Config::parse(&text).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("{MINIMAL}\n[replication]\nbatch_size = 3\n"));
+        assert!(e.contains("batch_size"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = err(&format!(
+            "{MINIMAL}\n[replication]\nbatch_max_docs = \"many\"\n"
+        ));
+        assert!(e.contains("replication.batch_max_docs"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let e = err(&format!(
+            "{MINIMAL}\n[replication]\nbatch_max_wait = \"soon\"\n"
+        ));
+        assert!(e.contains("replication.batch_max_wait"), "{e}");
+    }
+
+    #[test]
+    fn no_followers_is_an_error() {
+        let text = MINIMAL.split("[[followers]]").next().unwrap();
+        assert!(err(text).contains("followers"));
+    }
+
+    #[test]
+    fn duplicate_follower_names_are_an_error() {
+        let e = err(&format!(
+            "{MINIMAL}\n[[followers]]\nname = \"node-2\"\nuri = \"mongodb://h:1\"\n"
+        ));
+        assert!(e.contains("duplicate follower name"), "{e}");
+    }
+
+    #[test]
+    fn follower_that_is_the_source_is_an_error() {
+        let e = err(&format!(
+            "{MINIMAL}\n[[followers]]\nname = \"n3\"\nuri = \"mongodb://localhost:27017/?directConnection=true\"\n"
+        ));
+        assert!(e.contains("source deployment itself"), "{e}");
+    }
+
+    #[test]
+    fn lease_ttl_must_exceed_twice_renew() {
+        let e = err(&format!(
+            "{MINIMAL}\n[lease]\nttl = \"5s\"\nrenew_interval = \"3s\"\n"
+        ));
+        assert!(e.contains("lease.ttl"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_errors() {
+        let text = MINIMAL.replace(
+            "mongodb://127.0.0.1:27018/",
+            "mongodb://u:s3cretpw@127.0.0.1:27017/?replicaSet=rs0",
+        );
+        let e = err(&text);
+        assert!(!e.contains("s3cretpw"), "{e}");
+        assert_eq!(
+            redact_uri("mongodb://bob:pw@h:1/x"),
+            "mongodb://bob:***@h:1/x"
+        );
+    }
+
+    #[test]
+    fn bad_uri_is_named() {
+        let e = err(&MINIMAL.replace("mongodb://127.0.0.1:27018/", "http://nope"));
+        assert!(e.contains("followers[0].uri"), "{e}");
+    }
+}

@@ -1,0 +1,28 @@
+//! mongo-replicator keeps several independent MongoDB deployments ("followers") identical to
+//! one source, for the configured collections, through change streams.
+//!
+//! Modules, in the order data flows through them:
+//! - [`config`]: the TOML config, its validation, and redaction of secrets in URIs;
+//! - [`source`]: connecting, and the facts about the source we depend on (replica set,
+//!   server time, "history lost" errors);
+//! - [`lease`]: which node may write (a lease in the source, with a rising term);
+//! - [`pipeline`]: one (collection, follower) pair: resume point, initial sync, streaming;
+//! - [`change`]: change events to follower operations, coalescing and ordering (pure);
+//! - [`follower`]: applying a batch, fenced by term, with its checkpoint in one transaction;
+//! - [`checkpoint`]: resume positions and the token file;
+//! - [`status`] and [`http`]: what the node reports (`/status`, `/metrics`, ...);
+//! - [`check`]: the consistency check and repair;
+//! - [`service`]: `run`, tying it together.
+
+pub mod change;
+pub mod check;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod follower;
+pub mod http;
+pub mod lease;
+pub mod pipeline;
+pub mod service;
+pub mod source;
+pub mod status;

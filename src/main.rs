@@ -1,0 +1,132 @@
+//! The `mongo-replicator` binary: parses arguments, sets up logging, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mongo_replicator::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "mongo-replicator",
+    version,
+    about = "Keeps MongoDB followers identical to a source, through change streams"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides `node_id` from the config.
+        #[arg(long, env = "MONGO_REPLICATOR_NODE_ID")]
+        node_id: Option<String>,
+    },
+    /// Compare the source with each follower (exit 0 identical, 1 differences, 2 usage or
+    /// config error, 3 could not run).
+    Check(mongo_replicator::check::CheckArgs),
+    /// Print the running node's status.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy one follower again from the source; it then streams as before.
+    Resync {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        follower: String,
+    },
+}
+
+const EXIT_USAGE: u8 = 2;
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::try_new(&config.log.level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Run { config, node_id } => {
+                let mut config = match load(&config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                if let Err(e) = config.resolve_node_id(node_id) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                init_logging(&config);
+                match mongo_replicator::service::run(
+                    config,
+                    mongo_replicator::service::shutdown_signal(),
+                )
+                .await
+                {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        let msg = mongo_replicator::config::redact(&format!("{e:#}"));
+                        tracing::error!(error = %msg, "fatal");
+                        eprintln!("error: {msg}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Check(args) => mongo_replicator::check::main(args).await,
+            Command::Status { config, json } => {
+                let config = match load(&config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                mongo_replicator::cli::status(&config, json).await
+            }
+            Command::Resync { config, follower } => {
+                let config = match load(&config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                mongo_replicator::cli::resync(&config, &follower).await
+            }
+        }
+    })
+}

@@ -1,0 +1,720 @@
+//! One (collection, follower) pipeline: resume point, initial sync, then the change stream,
+//! batched into the follower.
+//!
+//! Each pair keeps its own stream and checkpoint, so one follower's outage holds back no
+//! other. A reader task pulls events (and the post-batch tokens of empty batches) from the
+//! change stream into a bounded channel; the batcher groups them by `batch_max_docs` and
+//! `batch_max_wait`, applies each batch in one round trip per command, and only then moves
+//! the checkpoint. Any failure drops the stream and reopens it from the last acknowledged
+//! checkpoint after a capped exponential backoff: at-least-once delivery made exact by
+//! idempotent writes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
+use mongodb::options::FullDocumentType;
+use mongodb::{Client, Collection};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::change::{coalesce, upsert_for, Op, Skip};
+use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
+use crate::config::{redact, Config, InitialSync, OnHistoryLost};
+use crate::follower::{ApplyError, Follower};
+use crate::lease::Authority;
+use crate::source::{is_history_lost, one_line};
+use crate::status::{PairState, PairStats};
+
+/// How long a getMore waits on the source for new events; bounds shutdown latency too.
+const MAX_AWAIT: Duration = Duration::from_millis(500);
+/// How often an idle pipeline writes its advancing checkpoint to the follower itself (the
+/// token file gets every idle token).
+const IDLE_FOLLOWER_CHECKPOINT: Duration = Duration::from_secs(5);
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Everything one pipeline needs.
+pub struct Pair {
+    pub collection: String,
+    pub follower: Arc<Follower>,
+    pub source: Client,
+    pub config: Arc<Config>,
+    pub store: CheckpointStore,
+    pub stats: Arc<PairStats>,
+    pub authority: Authority,
+}
+
+/// How a pipeline ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Asked to stop; the batch in flight was applied and checkpointed.
+    Shutdown,
+    /// This node may no longer write (lease lost, or a follower has seen a newer term).
+    NotLeader(String),
+    /// Stopped for good (history lost with `on_history_lost = "fail"`, a document without
+    /// the key under `missing_key = "fail"`); the reason is in the pair's status.
+    Failed(String),
+}
+
+#[derive(Debug)]
+enum PairError {
+    /// Retry after a backoff (follower or source unavailable, write rejected).
+    Transient(String),
+    HistoryLost(String),
+    NotLeader(String),
+    Fatal(String),
+    /// A resync was requested (`POST /resync/{follower}`).
+    Resync,
+    Stopped,
+}
+
+impl From<ApplyError> for PairError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Fenced { .. } => PairError::NotLeader(e.to_string()),
+            other => PairError::Transient(other.to_string()),
+        }
+    }
+}
+
+fn source_err(e: mongodb::error::Error) -> PairError {
+    if is_history_lost(&e) {
+        PairError::HistoryLost(one_line(&redact(&e.to_string())))
+    } else {
+        PairError::Transient(format!("source: {}", one_line(&redact(&e.to_string()))))
+    }
+}
+
+impl Pair {
+    fn coll(&self) -> Collection<Document> {
+        self.source
+            .database(&self.config.source.database)
+            .collection(&self.collection)
+    }
+
+    fn name(&self) -> &str {
+        &self.follower.name
+    }
+
+    /// Runs until `stop` is cancelled, the lease is lost, or a fatal error.
+    pub async fn run(self, stop: CancellationToken) -> Exit {
+        let mut backoff = BACKOFF_START;
+        loop {
+            if stop.is_cancelled() {
+                self.stats.set_state(PairState::Stopped, None);
+                return Exit::Shutdown;
+            }
+            let err = match self.run_once(&stop, &mut backoff).await {
+                Ok(()) | Err(PairError::Stopped) => {
+                    self.stats.set_state(PairState::Stopped, None);
+                    return Exit::Shutdown;
+                }
+                Err(e) => e,
+            };
+            match err {
+                PairError::Stopped => unreachable!("handled above"),
+                PairError::NotLeader(msg) => {
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %msg, "pipeline stops: this node is no longer the leader");
+                    self.stats.set_state(PairState::Stopped, Some(msg.clone()));
+                    return Exit::NotLeader(msg);
+                }
+                PairError::Fatal(msg) => {
+                    tracing::error!(follower = %self.name(), collection = %self.collection, reason = %msg, "pipeline stopped");
+                    self.stats.set_state(PairState::Stopped, Some(msg.clone()));
+                    return Exit::Failed(msg);
+                }
+                PairError::Resync => {
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, "resync requested: copying this follower again");
+                    if let Err(e) = self.forget_checkpoints().await {
+                        self.stats
+                            .set_state(PairState::Down, Some(format!("resync: {e:?}")));
+                        self.stats.request_resync();
+                        if !sleep_or_stop(&stop, backoff).await {
+                            continue;
+                        }
+                    }
+                }
+                PairError::HistoryLost(msg) => {
+                    let policy = self.config.replication.on_history_lost;
+                    tracing::error!(
+                        follower = %self.name(), collection = %self.collection, error = %msg, ?policy,
+                        "history lost: the checkpoint's resume point is no longer in the source's oplog, so changes since then cannot be streamed"
+                    );
+                    self.stats.skipped("history_lost");
+                    match policy {
+                        OnHistoryLost::Fail => {
+                            let reason = format!("history lost: resume point no longer in the source's oplog ({msg}); on_history_lost = \"fail\": run `mongo-replicator resync --follower {}`", self.name());
+                            self.stats
+                                .set_state(PairState::Stopped, Some(reason.clone()));
+                            return Exit::Failed(reason);
+                        }
+                        OnHistoryLost::Resync => {
+                            tracing::warn!(follower = %self.name(), collection = %self.collection, "on_history_lost = \"resync\": copying this follower again");
+                            if let Err(e) = self.forget_checkpoints().await {
+                                self.stats
+                                    .set_state(PairState::Down, Some(format!("{e:?}")));
+                                if !sleep_or_stop(&stop, backoff).await {
+                                    continue;
+                                }
+                                backoff = (backoff * 2).min(BACKOFF_MAX);
+                            }
+                        }
+                    }
+                }
+                PairError::Transient(msg) => {
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, retry_in = ?backoff, "pipeline interrupted; will resume from the checkpoint");
+                    self.stats.set_state(PairState::Down, Some(msg));
+                    if !sleep_or_stop(&stop, backoff).await {
+                        continue;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn forget_checkpoints(&self) -> Result<(), PairError> {
+        self.check_authority()?;
+        self.follower
+            .clear_checkpoint(&self.collection, self.authority.term())
+            .await?;
+        self.store.reset(&self.collection, self.name());
+        Ok(())
+    }
+
+    fn check_authority(&self) -> Result<(), PairError> {
+        if self.authority.is_valid() {
+            Ok(())
+        } else {
+            Err(PairError::NotLeader("the lease may have expired".into()))
+        }
+    }
+
+    /// The newer of the token file's and the follower's checkpoint.
+    async fn resume_point(&self) -> Result<Option<Checkpoint>, PairError> {
+        let local = self.store.get(&self.collection, self.name());
+        let remote = self.follower.load_checkpoint(&self.collection).await?;
+        Ok(match (local, remote) {
+            (Some(l), Some(r)) => Some(if r.is_not_before(&l) && r != l { r } else { l }),
+            (l, r) => l.or(r),
+        })
+    }
+
+    async fn run_once(
+        &self,
+        stop: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> Result<(), PairError> {
+        self.check_authority()?;
+        let start = match self.resume_point().await? {
+            Some(cp) if cp.copy_after.is_some() => self.initial_sync(Some(cp), stop).await?,
+            Some(cp) => cp,
+            None => match self.config.replication.initial_sync {
+                InitialSync::Auto => self.initial_sync(None, stop).await?,
+                InitialSync::Never => {
+                    let cp = self.start_now().await?;
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, "no checkpoint and initial_sync = \"never\": streaming from now; existing documents are not copied");
+                    cp
+                }
+            },
+        };
+        self.stream(start, stop, backoff).await
+    }
+
+    /// A checkpoint at the source's present, from a fresh stream's post-batch token.
+    async fn capture_now(&self) -> Result<Checkpoint, PairError> {
+        let stream = self.coll().watch().await.map_err(source_err)?;
+        let token = stream.resume_token().ok_or_else(|| {
+            PairError::Transient("source returned no resume token for a new change stream".into())
+        })?;
+        Ok(Checkpoint::new(token_doc(&token)?, None))
+    }
+
+    async fn start_now(&self) -> Result<Checkpoint, PairError> {
+        let cp = self.capture_now().await?;
+        self.commit(&[], cp.clone(), 0, true).await?;
+        Ok(cp)
+    }
+
+    /// Copies the source collection into the follower, resuming a copy that was cut short,
+    /// then removes follower documents the source does not have. Returns the checkpoint to
+    /// stream from: a position captured before the copy began, so that every change made
+    /// during the copy is replayed afterwards (harmless, as writes are idempotent).
+    async fn initial_sync(
+        &self,
+        resume: Option<Checkpoint>,
+        stop: &CancellationToken,
+    ) -> Result<Checkpoint, PairError> {
+        self.stats.set_state(PairState::InitialSync, None);
+        let (base, mut after) = match resume {
+            Some(cp) => {
+                let after = cp.copy_after.clone().unwrap_or(Bson::Null);
+                (cp, after)
+            }
+            None => (self.capture_now().await?, Bson::Null),
+        };
+        let filter = if after == Bson::Null {
+            doc! {}
+        } else {
+            after_filter(&after)
+        };
+        let coll = self.coll();
+        let total = coll
+            .count_documents(filter.clone())
+            .await
+            .map_err(source_err)?;
+        tracing::info!(follower = %self.name(), collection = %self.collection, total, resumed = after != Bson::Null, "initial sync: copying documents");
+        let mut cursor = coll
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .batch_size(self.config.replication.batch_max_docs.min(10_000) as u32)
+            .await
+            .map_err(source_err)?;
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        let mut done: u64 = 0;
+        let mut ops = Vec::new();
+        let max = self.config.replication.batch_max_docs;
+        loop {
+            let next = cursor.try_next().await.map_err(source_err)?;
+            let finished = next.is_none();
+            if let Some(doc) = next {
+                after = doc.get("_id").cloned().unwrap_or(Bson::Null);
+                self.push_upsert(doc, &mut ops)?;
+                done += 1;
+            }
+            if ops.len() >= max || (finished && !ops.is_empty()) {
+                let mut cp = base.clone();
+                cp.copy_after = Some(after.clone());
+                let n = ops.len() as u64;
+                self.commit(&std::mem::take(&mut ops), cp, n, false).await?;
+                if stop.is_cancelled() {
+                    tracing::info!(follower = %self.name(), collection = %self.collection, done, "initial sync interrupted by shutdown; it resumes where it stopped");
+                    return Err(PairError::Stopped);
+                }
+            }
+            if last_log.elapsed() >= Duration::from_secs(2) || finished {
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    follower = %self.name(), collection = %self.collection,
+                    done, total, rate_per_s = (done as f64 / secs) as u64,
+                    "initial sync progress: {done} of {total} documents"
+                );
+                last_log = Instant::now();
+            }
+            if finished {
+                break;
+            }
+        }
+        let removed = self.remove_extras().await?;
+        let mut cp = base;
+        cp.copy_after = None;
+        self.commit(&[], cp.clone(), 0, false).await?;
+        tracing::info!(follower = %self.name(), collection = %self.collection, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
+        Ok(cp)
+    }
+
+    /// Deletes follower documents whose `_id` the source does not have.
+    async fn remove_extras(&self) -> Result<u64, PairError> {
+        let fcoll: Collection<Document> = self
+            .follower
+            .client()
+            .database(self.follower.data_db())
+            .collection(&self.collection);
+        let mut cursor = fcoll
+            .find(doc! {})
+            .projection(doc! {"_id": 1})
+            .sort(doc! {"_id": 1})
+            .batch_size(1000)
+            .await
+            .map_err(|e| PairError::Transient(format!("follower: {}", redact(&e.to_string()))))?;
+        let mut removed = 0;
+        let mut chunk = Vec::new();
+        loop {
+            let next = cursor.try_next().await.map_err(|e| {
+                PairError::Transient(format!("follower: {}", redact(&e.to_string())))
+            })?;
+            let finished = next.is_none();
+            if let Some(d) = next {
+                if let Some(id) = d.get("_id") {
+                    chunk.push(id.clone());
+                }
+            }
+            if chunk.len() >= 1000 || (finished && !chunk.is_empty()) {
+                let ids = std::mem::take(&mut chunk);
+                let present: Vec<Bson> = self
+                    .coll()
+                    .find(doc! {"_id": {"$in": ids.clone()}})
+                    .projection(doc! {"_id": 1})
+                    .await
+                    .map_err(source_err)?
+                    .try_collect::<Vec<Document>>()
+                    .await
+                    .map_err(source_err)?
+                    .into_iter()
+                    .filter_map(|d| d.get("_id").cloned())
+                    .collect();
+                let extra: Vec<Bson> = ids.into_iter().filter(|i| !present.contains(i)).collect();
+                removed += extra.len() as u64;
+                self.check_authority()?;
+                self.follower
+                    .delete_ids(&self.collection, extra, self.authority.term())
+                    .await?;
+            }
+            if finished {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Applies `ops` with `cp` on the follower, then records the checkpoint locally.
+    async fn commit(
+        &self,
+        ops: &[Op],
+        cp: Checkpoint,
+        events: u64,
+        caught_up: bool,
+    ) -> Result<(), PairError> {
+        self.check_authority()?;
+        let started = Instant::now();
+        if let Err(e) = self
+            .follower
+            .apply(&self.collection, ops, &cp, self.authority.term())
+            .await
+        {
+            self.stats.batch_failed(events);
+            return Err(e.into());
+        }
+        self.stats
+            .batch_applied(events, ops.len(), started.elapsed().as_secs_f64());
+        self.record(cp, caught_up);
+        Ok(())
+    }
+
+    fn record(&self, cp: Checkpoint, caught_up: bool) {
+        let ct = cp.cluster_time.map(|t| t.time as i64 * 1000);
+        if self.store.advance(&self.collection, self.name(), cp) {
+            self.stats.checkpoint_moved(ct, caught_up);
+        }
+    }
+
+    fn push_upsert(&self, doc: Document, ops: &mut Vec<Op>) -> Result<(), PairError> {
+        let r = &self.config.replication;
+        match upsert_for(doc, &r.key_field, r.missing_key) {
+            Ok(Ok(op)) => ops.push(op),
+            Ok(Err(Skip::MissingKey { id })) => {
+                tracing::warn!(follower = %self.name(), collection = %self.collection, id = %id, key_field = %r.key_field, "skipped a document without the key field (missing_key = \"skip\")");
+                self.stats.skipped("missing_key");
+            }
+            Ok(Err(Skip::Gone { .. })) => self.stats.skipped("gone"),
+            Err(e) => return Err(PairError::Fatal(e.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Streams changes from `start` until stopped or interrupted.
+    async fn stream(
+        &self,
+        start: Checkpoint,
+        stop: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> Result<(), PairError> {
+        let token: ResumeToken = mongodb::bson::from_document(start.token.clone())
+            .map_err(|e| PairError::Fatal(format!("checkpoint token unreadable: {e}")))?;
+        let stream = self
+            .coll()
+            .watch()
+            .full_document(FullDocumentType::UpdateLookup)
+            .start_after(token)
+            .max_await_time(MAX_AWAIT)
+            .await
+            .map_err(source_err)?;
+        self.stats.set_state(PairState::CatchingUp, None);
+        let (tx, mut rx) = mpsc::channel::<Item>(self.config.replication.batch_max_docs * 2);
+        let reader = tokio::spawn(read_stream(stream, tx));
+        let _abort = AbortOnDrop(reader);
+
+        let max_docs = self.config.replication.batch_max_docs;
+        let max_wait = self.config.replication.batch_max_wait;
+        let mut batch = Batch::new(start);
+        let mut last_follower_cp = Instant::now();
+        loop {
+            if self.stats.take_resync_request() {
+                self.flush(&mut batch, false).await?;
+                return Err(PairError::Resync);
+            }
+            let item = if batch.events == 0 {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(()),
+                    item = rx.recv() => item,
+                }
+            } else {
+                let deadline = batch.opened + max_wait;
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => {
+                        // Finish and acknowledge the batch in flight, then stop.
+                        return self.flush(&mut batch, false).await;
+                    }
+                    item = rx.recv() => item,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        self.flush(&mut batch, false).await?;
+                        *backoff = BACKOFF_START;
+                        continue;
+                    }
+                }
+            };
+            let Some(item) = item else {
+                self.flush(&mut batch, false).await?;
+                return Err(PairError::Transient("change stream ended".into()));
+            };
+            match item {
+                Item::Event(ev) => {
+                    let ev = *ev;
+                    let invalidate = ev.operation_type == OperationType::Invalidate;
+                    if let Err(e) = self.add_event(&mut batch, ev) {
+                        // Apply what came before the bad document, then stop.
+                        self.flush(&mut batch, false).await?;
+                        return Err(e);
+                    }
+                    if invalidate {
+                        self.flush(&mut batch, false).await?;
+                        return Err(PairError::Transient(
+                            "change stream invalidated (collection dropped or renamed on the source); reopening after it".into(),
+                        ));
+                    }
+                    if batch.events >= max_docs as u64 {
+                        self.flush(&mut batch, false).await?;
+                        *backoff = BACKOFF_START;
+                    }
+                }
+                Item::Idle(token) => {
+                    batch.token = token_doc(&token)?;
+                    batch.cluster_time = token_cluster_time(&batch.token).or(batch.cluster_time);
+                    if batch.events > 0 {
+                        self.flush(&mut batch, true).await?;
+                    } else if last_follower_cp.elapsed() >= IDLE_FOLLOWER_CHECKPOINT {
+                        self.flush(&mut batch, true).await?;
+                        last_follower_cp = Instant::now();
+                    } else {
+                        // Idle: the token file keeps every post-batch token, so a quiet
+                        // collection's checkpoint never falls behind the oplog.
+                        self.record(batch.checkpoint(), true);
+                    }
+                    *backoff = BACKOFF_START;
+                    if self.stats.state().0 != PairState::Streaming {
+                        self.stats.set_state(PairState::Streaming, None);
+                        tracing::info!(follower = %self.name(), collection = %self.collection, "caught up; streaming");
+                    }
+                }
+                Item::Error(e) => {
+                    self.flush(&mut batch, false).await?;
+                    return Err(source_err(e));
+                }
+            }
+        }
+    }
+
+    /// Adds one event to the batch. On error the batch is left as it was before the event,
+    /// so flushing it never checkpoints past the event that failed.
+    fn add_event(
+        &self,
+        batch: &mut Batch,
+        ev: ChangeStreamEvent<Document>,
+    ) -> Result<(), PairError> {
+        let token = token_doc(&ev.id)?;
+        let cluster_time = ev
+            .cluster_time
+            .or_else(|| token_cluster_time(&token))
+            .or(batch.cluster_time);
+        match ev.operation_type {
+            OperationType::Insert | OperationType::Update | OperationType::Replace => {
+                match ev.full_document {
+                    Some(doc) => self.push_upsert(doc, &mut batch.ops)?,
+                    None => self.stats.skipped("gone"),
+                }
+            }
+            OperationType::Delete => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
+                Some(id) => batch.ops.push(Op::Delete { id: id.clone() }),
+                None => {
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, "delete event without documentKey._id; skipped");
+                    self.stats.skipped("no_document_key");
+                }
+            },
+            OperationType::Drop | OperationType::Rename | OperationType::DropDatabase => {
+                tracing::warn!(follower = %self.name(), collection = %self.collection, op = ?ev.operation_type, "source collection was dropped or renamed; follower documents are left in place (run `check --repair` or `resync` to align them)");
+                self.stats.skipped("drop_or_rename");
+            }
+            _ => {}
+        }
+        if batch.events == 0 {
+            batch.opened = Instant::now();
+        }
+        batch.events += 1;
+        batch.token = token;
+        batch.cluster_time = cluster_time;
+        Ok(())
+    }
+
+    /// Applies the batch (coalesced) and moves the checkpoint.
+    async fn flush(&self, batch: &mut Batch, caught_up: bool) -> Result<(), PairError> {
+        let ops = coalesce(std::mem::take(&mut batch.ops));
+        let events = std::mem::take(&mut batch.events);
+        let cp = batch.checkpoint();
+        self.commit(&ops, cp, events, caught_up).await
+    }
+}
+
+/// Events read but not yet acknowledged, and the position they reach.
+struct Batch {
+    ops: Vec<Op>,
+    events: u64,
+    opened: Instant,
+    token: Document,
+    cluster_time: Option<Timestamp>,
+}
+
+impl Batch {
+    fn new(start: Checkpoint) -> Batch {
+        Batch {
+            ops: Vec::new(),
+            events: 0,
+            opened: Instant::now(),
+            token: start.token,
+            cluster_time: start.cluster_time,
+        }
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint::new(self.token.clone(), self.cluster_time)
+    }
+}
+
+enum Item {
+    Event(Box<ChangeStreamEvent<Document>>),
+    /// An empty batch: the stream's post-batch token, past everything read so far.
+    Idle(ResumeToken),
+    Error(mongodb::error::Error),
+}
+
+/// Reads the stream into `tx` until the receiver goes away or the stream fails.
+async fn read_stream(
+    mut stream: mongodb::change_stream::ChangeStream<ChangeStreamEvent<Document>>,
+    tx: mpsc::Sender<Item>,
+) {
+    loop {
+        let item = match stream.next_if_any().await {
+            Ok(Some(ev)) => Item::Event(Box::new(ev)),
+            Ok(None) => match stream.resume_token() {
+                Some(t) => Item::Idle(t),
+                None => continue,
+            },
+            Err(e) => {
+                let _ = tx.send(Item::Error(e)).await;
+                return;
+            }
+        };
+        if tx.send(item).await.is_err() {
+            return;
+        }
+        if !stream.is_alive() {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn token_doc(token: &ResumeToken) -> Result<Document, PairError> {
+    match mongodb::bson::to_bson(token) {
+        Ok(Bson::Document(d)) => Ok(d),
+        _ => Err(PairError::Transient(
+            "resume token is not a document".into(),
+        )),
+    }
+}
+
+/// Sleeps unless stopped first; returns false when stopped.
+async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Documents after `after` in `_id` order. Query comparisons only match values of the same
+/// type, so `_id`s of types that sort later are added by `$type`.
+fn after_filter(after: &Bson) -> Document {
+    const ORDER: &[(u8, &str)] = &[
+        (1, "minKey"),
+        (2, "null"),
+        (3, "double"),
+        (3, "int"),
+        (3, "long"),
+        (3, "decimal"),
+        (4, "string"),
+        (4, "symbol"),
+        (5, "object"),
+        (6, "array"),
+        (7, "binData"),
+        (8, "objectId"),
+        (9, "bool"),
+        (10, "date"),
+        (11, "timestamp"),
+        (12, "regex"),
+        (13, "maxKey"),
+    ];
+    let rank = match after {
+        Bson::MinKey => 1,
+        Bson::Null | Bson::Undefined => 2,
+        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 3,
+        Bson::String(_) | Bson::Symbol(_) => 4,
+        Bson::Document(_) => 5,
+        Bson::Array(_) => 6,
+        Bson::Binary(_) => 7,
+        Bson::ObjectId(_) => 8,
+        Bson::Boolean(_) => 9,
+        Bson::DateTime(_) => 10,
+        Bson::Timestamp(_) => 11,
+        Bson::RegularExpression(_) => 12,
+        Bson::MaxKey => 13,
+        _ => 0,
+    };
+    let later: Vec<Bson> = ORDER
+        .iter()
+        .filter(|(r, _)| *r > rank)
+        .map(|(_, n)| Bson::String((*n).to_string()))
+        .collect();
+    doc! {"$or": [{"_id": {"$gt": after.clone()}}, {"_id": {"$type": later}}]}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_filter_includes_later_types() {
+        let f = after_filter(&Bson::Int32(5));
+        let or = f.get_array("$or").unwrap();
+        let types = or[1]
+            .as_document()
+            .unwrap()
+            .get_document("_id")
+            .unwrap()
+            .get_array("$type")
+            .unwrap();
+        assert!(types.contains(&Bson::String("objectId".into())));
+        assert!(types.contains(&Bson::String("string".into())));
+        assert!(!types.contains(&Bson::String("int".into())));
+    }
+}

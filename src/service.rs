@@ -1,0 +1,249 @@
+//! `mongo-replicator run`: the service. Opens the token file and the source, serves HTTP,
+//! and runs the lease loop: as a standby it polls for the lease; as the leader it runs one
+//! pipeline per (collection, follower), renews the lease, and steps down when it cannot.
+//!
+//! Shutdown order (SIGTERM/SIGINT): stop reading, let each pipeline apply and acknowledge
+//! its batch in flight, flush the token file, release the lease, stop HTTP.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::Config;
+use crate::follower::Follower;
+use crate::lease::{Authority, Lease};
+use crate::pipeline::{Exit, Pair};
+use crate::status::{LeaseView, NodeStatus};
+
+/// How often the token file is written when checkpoints move.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Shared by the service's tasks and the HTTP handlers.
+pub struct Node {
+    pub config: Arc<Config>,
+    pub status: Arc<NodeStatus>,
+    pub source: mongodb::Client,
+    pub followers: Vec<Arc<Follower>>,
+    pub store: CheckpointStore,
+}
+
+/// Runs the service until `shutdown` completes. Errors are fatal start-up problems
+/// (unusable token file, unreachable or unsuitable source, HTTP address in use).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let store = CheckpointStore::open(&config.checkpoint.token_file, &config.source.database)?;
+    let source = crate::source::client(&config.source.uri, "source").await?;
+    crate::source::check_source(&source, &config.source.uri).await?;
+
+    let status = NodeStatus::new(config.node_id());
+    let mut followers = Vec::new();
+    for f in &config.followers {
+        followers.push(Arc::new(
+            Follower::new(
+                f,
+                &config.source.database,
+                &config.replication.state_database,
+                &config.replication.key_field,
+                config.node_id(),
+            )
+            .await?,
+        ));
+        for c in &config.source.collections {
+            status.pair(c, &f.name);
+        }
+    }
+    let node = Arc::new(Node {
+        config: config.clone(),
+        status: status.clone(),
+        source: source.clone(),
+        followers,
+        store: store.clone(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+    tracing::info!(node_id = %config.node_id(), listen = %config.http.listen, "mongo-replicator started");
+
+    let stop = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(crate::http::serve(
+        listener,
+        node.clone(),
+        http_stop.clone(),
+    ));
+    let flush_stop = CancellationToken::new();
+    let flusher = {
+        let store = store.clone();
+        let s = flush_stop.clone();
+        tokio::spawn(async move { store.flush_every(FLUSH_INTERVAL, s).await })
+    };
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested");
+            stop.cancel();
+        });
+    }
+
+    let result = lease_loop(&node, &stop).await;
+
+    flush_stop.cancel();
+    let _ = flusher.await;
+    store.flush().await?;
+    http_stop.cancel();
+    let _ = http.await;
+    tracing::info!("mongo-replicator stopped");
+    result
+}
+
+enum Outcome {
+    Shutdown,
+    StepDown(String),
+}
+
+async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Result<()> {
+    let cfg = &node.config;
+    let lease = Lease::new(node.source.clone(), cfg);
+    let poll = cfg.lease.renew_interval.min(Duration::from_secs(1));
+    loop {
+        // Standby: poll until the lease is ours.
+        let auth = loop {
+            match lease.try_acquire().await {
+                Ok(Some(a)) => break a,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot reach the lease; staying standby"),
+            }
+            if let Ok((view, term)) = lease.view().await {
+                node.status.set_lease(view);
+                node.status.set_role(false, term);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(poll) => {}
+            }
+        };
+        tracing::info!(term = auth.term(), "became leader");
+        node.status.set_role(true, auth.term());
+        set_own_lease_view(node, &auth);
+
+        let pipes_stop = CancellationToken::new();
+        let mut pipes = JoinSet::new();
+        for f in &node.followers {
+            for c in &cfg.source.collections {
+                let pair = Pair {
+                    collection: c.clone(),
+                    follower: f.clone(),
+                    source: node.source.clone(),
+                    config: node.config.clone(),
+                    store: node.store.clone(),
+                    stats: node.status.pair(c, &f.name),
+                    authority: auth.clone(),
+                };
+                pipes.spawn(pair.run(pipes_stop.clone()));
+            }
+        }
+
+        let outcome = lead(node, &lease, &auth, &mut pipes, stop).await;
+        if let Outcome::StepDown(reason) = &outcome {
+            // Someone else may already lead: write nothing more.
+            auth.revoke();
+            tracing::warn!(term = auth.term(), reason = %reason, "stepping down to standby");
+        }
+        pipes_stop.cancel();
+        while pipes.join_next().await.is_some() {}
+        if let Err(e) = node.store.flush().await {
+            tracing::error!(error = %e, "checkpoint flush failed");
+        }
+        node.status.set_role(false, auth.term());
+        match outcome {
+            Outcome::Shutdown => {
+                match lease.release(&auth).await {
+                    Ok(()) => tracing::info!(term = auth.term(), "lease released"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not release the lease; it expires after its ttl")
+                    }
+                }
+                return Ok(());
+            }
+            Outcome::StepDown(_) => {
+                // Give the new leader a moment before competing again.
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        }
+    }
+}
+
+/// As leader: renew every `renew_interval` until shutdown or until the lease is lost.
+async fn lead(
+    node: &Arc<Node>,
+    lease: &Lease,
+    auth: &Authority,
+    pipes: &mut JoinSet<Exit>,
+    stop: &CancellationToken,
+) -> Outcome {
+    let renew_every = node.config.lease.renew_interval;
+    let mut next_renew = tokio::time::Instant::now() + renew_every;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Outcome::Shutdown,
+            _ = tokio::time::sleep_until(auth.deadline().into()) => {
+                return Outcome::StepDown("could not renew the lease before it could expire".into());
+            }
+            _ = tokio::time::sleep_until(next_renew) => {
+                next_renew = tokio::time::Instant::now() + renew_every;
+                match tokio::time::timeout(renew_every, lease.renew(auth)).await {
+                    Ok(Ok(true)) => set_own_lease_view(node, auth),
+                    Ok(Ok(false)) => return Outcome::StepDown("the lease was taken by another node".into()),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed; will retry"),
+                    Err(_) => tracing::warn!("lease renewal timed out; will retry"),
+                }
+            }
+            Some(res) = pipes.join_next() => match res {
+                Ok(Exit::NotLeader(msg)) => return Outcome::StepDown(msg),
+                Ok(Exit::Failed(_)) | Ok(Exit::Shutdown) => {}
+                Err(e) => tracing::error!(error = %e, "pipeline task ended abnormally"),
+            },
+        }
+    }
+}
+
+fn set_own_lease_view(node: &Node, auth: &Authority) {
+    let left = auth
+        .deadline()
+        .saturating_duration_since(std::time::Instant::now());
+    node.status.set_lease(LeaseView {
+        holder: Some(node.config.node_id().to_string()),
+        expires_in_ms: Some(left.as_millis() as i64),
+    });
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

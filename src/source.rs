@@ -1,0 +1,105 @@
+//! Connecting to deployments, and the source-side facts the replicator depends on.
+
+use std::time::Duration;
+
+use mongodb::bson::{doc, DateTime};
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+
+use crate::config::{redact, redact_uri};
+
+/// How long an operation waits for a reachable server before it fails.
+pub const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client for `uri`; `what` names the deployment in errors ("source", "follower node-2").
+/// The client connects lazily, so this fails only on a malformed URI.
+pub async fn client(uri: &str, what: &str) -> anyhow::Result<Client> {
+    let mut opts = ClientOptions::parse(uri).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{what}: invalid URI {}: {}",
+            redact_uri(uri),
+            redact(&e.to_string())
+        )
+    })?;
+    opts.app_name = Some("mongo-replicator".into());
+    if opts.server_selection_timeout.is_none() {
+        opts.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
+    }
+    if opts.connect_timeout.is_none() {
+        opts.connect_timeout = Some(Duration::from_secs(5));
+    }
+    Client::with_options(opts).map_err(|e| anyhow::anyhow!("{what}: {}", redact(&e.to_string())))
+}
+
+/// Why the source cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot reach the source ({uri}): {reason}")]
+    Unreachable { uri: String, reason: String },
+    #[error("the source ({uri}) is not a replica set, and change streams need one; start it with --replSet and run rs.initiate() (a single-node replica set is enough)")]
+    NotReplicaSet { uri: String },
+}
+
+/// Checks that the source answers and is a replica set (or a sharded cluster).
+pub async fn check_source(client: &Client, uri: &str) -> Result<(), SourceError> {
+    let hello = client
+        .database("admin")
+        .run_command(doc! {"hello": 1})
+        .await
+        .map_err(|e| SourceError::Unreachable {
+            uri: redact_uri(uri),
+            reason: one_line(&redact(&e.to_string())),
+        })?;
+    let replica_set = hello.get_str("setName").is_ok() || hello.get_str("msg") == Ok("isdbgrid");
+    if !replica_set {
+        return Err(SourceError::NotReplicaSet {
+            uri: redact_uri(uri),
+        });
+    }
+    Ok(())
+}
+
+/// The server's current time, from `hello.localTime`.
+pub async fn server_time(client: &Client) -> mongodb::error::Result<DateTime> {
+    let hello = client
+        .database("admin")
+        .run_command(doc! {"hello": 1})
+        .await?;
+    Ok(hello
+        .get_datetime("localTime")
+        .copied()
+        .unwrap_or_else(|_| DateTime::now()))
+}
+
+/// True when the error says the resume point is no longer in the source's history:
+/// ChangeStreamHistoryLost (286), CappedPositionLost (136), or ChangeStreamFatalError (280)
+/// raised because the token cannot be found.
+pub fn is_history_lost(e: &mongodb::error::Error) -> bool {
+    if let Some(code) = error_code(e) {
+        if code == 286 || code == 136 {
+            return true;
+        }
+        if code == 280 {
+            let msg = e.to_string().to_ascii_lowercase();
+            return msg.contains("resume") || msg.contains("oplog") || msg.contains("history");
+        }
+    }
+    let msg = e.to_string().to_ascii_lowercase();
+    msg.contains("changestreamhistorylost")
+        || msg.contains("resume point may no longer be in the oplog")
+}
+
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The server's error code, for command and write errors.
+pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    }
+}
