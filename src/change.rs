@@ -100,17 +100,52 @@ fn id_key(id: &Bson) -> Vec<u8> {
     mongodb::bson::to_vec(&doc! {"": id.clone()}).unwrap_or_default()
 }
 
-/// Keeps the last operation for each source `_id`, in the order of those last occurrences.
-pub fn coalesce(ops: Vec<Op>) -> Vec<Op> {
+/// A batch reduced to the state at its end.
+#[derive(Debug, PartialEq)]
+pub struct Coalesced {
+    pub ops: Vec<Op>,
+    /// Keys that two source documents (different `_id`s) held within the batch. The key
+    /// field should be unique on the source; the follower keeps the later document.
+    pub duplicate_keys: Vec<Bson>,
+}
+
+/// Keeps the last operation for each source `_id`, in the order of those last occurrences;
+/// of upserts that share a key under different `_id`s, only the last is kept.
+pub fn coalesce(ops: Vec<Op>) -> Coalesced {
     let mut last: HashMap<Vec<u8>, usize> = HashMap::with_capacity(ops.len());
+    let mut last_key: HashMap<Vec<u8>, usize> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
         last.insert(id_key(op.id()), i);
     }
-    ops.into_iter()
+    for (i, op) in ops.iter().enumerate() {
+        if let Op::Upsert { key: Some(k), .. } = op {
+            if last.get(&id_key(op.id())) == Some(&i) {
+                last_key.insert(id_key(k), i);
+            }
+        }
+    }
+    let mut duplicate_keys = Vec::new();
+    let ops = ops
+        .into_iter()
         .enumerate()
-        .filter(|(i, op)| last.get(&id_key(op.id())) == Some(i))
+        .filter(|(i, op)| {
+            if last.get(&id_key(op.id())) != Some(i) {
+                return false;
+            }
+            if let Op::Upsert { key: Some(k), .. } = op {
+                if last_key.get(&id_key(k)) != Some(i) {
+                    duplicate_keys.push(k.clone());
+                    return false;
+                }
+            }
+            true
+        })
         .map(|(_, op)| op)
-        .collect()
+        .collect();
+    Coalesced {
+        ops,
+        duplicate_keys,
+    }
 }
 
 /// The statements that carry one coalesced batch to a follower: one `delete` command, then
@@ -180,7 +215,7 @@ mod tests {
             Op::Delete { id: Bson::Int32(2) },
         ];
         assert_eq!(
-            coalesce(ops),
+            coalesce(ops).ops,
             vec![up(1, "a", 2), Op::Delete { id: Bson::Int32(2) }]
         );
     }
@@ -204,6 +239,13 @@ mod tests {
                 .unwrap(),
             2
         );
+    }
+
+    #[test]
+    fn two_source_documents_with_one_key_keep_the_later() {
+        let c = coalesce(vec![up(1, "a", 1), up(2, "a", 2)]);
+        assert_eq!(c.ops, vec![up(2, "a", 2)]);
+        assert_eq!(c.duplicate_keys, vec![Bson::String("a".into())]);
     }
 
     #[test]

@@ -116,6 +116,28 @@ impl Follower {
         Ok(yes)
     }
 
+    /// Makes sure the follower can find documents by key quickly: creates an index on the
+    /// key field unless one exists (upserts matched by key would scan the collection
+    /// otherwise). Not unique, so existing duplicate data on a follower cannot block it.
+    pub async fn ensure_key_index(&self, collection: &str) -> Result<(), ApplyError> {
+        let cmd = doc! {
+            "createIndexes": collection,
+            "indexes": [{"key": {&self.key_field: 1}, "name": format!("mongo_replicator_{}", self.key_field)}],
+        };
+        match self.command(&self.data_db, cmd, None).await {
+            Ok(_) => Ok(()),
+            // An equivalent index under another name, or other options: it serves as well.
+            Err(ApplyError::Unavailable(m))
+                if m.contains("already exists")
+                    || m.contains("IndexOptionsConflict")
+                    || m.contains("IndexKeySpecsConflict") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Applies one coalesced batch and records `checkpoint` for `collection`, fenced by `term`.
     /// Idempotent: replaying a batch leaves the same state.
     pub async fn apply(
@@ -130,7 +152,7 @@ impl Follower {
                 .apply_in_txn(collection, ops, checkpoint, term, false)
                 .await
             {
-                Err(TxnErr::Conflict) => self
+                Err(TxnErr::Conflict(_)) => self
                     .apply_in_txn(collection, ops, checkpoint, term, true)
                     .await
                     .map_err(TxnErr::into_apply),
@@ -211,7 +233,7 @@ impl Follower {
         let plan = Plan::build(ops, &self.key_field, false);
         match self.run_plan(None, collection, &plan).await {
             Ok(()) => {}
-            Err(TxnErr::Conflict) => {
+            Err(TxnErr::Conflict(_)) => {
                 let plan = Plan::build(ops, &self.key_field, true);
                 self.run_plan(None, collection, &plan)
                     .await
@@ -433,16 +455,16 @@ fn apply_err(e: mongodb::error::Error) -> TxnErr {
 
 enum TxnErr {
     /// A duplicate-key conflict that the careful plan resolves.
-    Conflict,
+    Conflict(String),
     Apply(ApplyError),
 }
 
 impl TxnErr {
     fn into_apply(self) -> ApplyError {
         match self {
-            TxnErr::Conflict => {
-                ApplyError::Rejected("duplicate-key conflict on the follower".into())
-            }
+            TxnErr::Conflict(msg) => ApplyError::Rejected(format!(
+                "conflict on the follower that clearing blocking documents did not resolve: {msg}"
+            )),
             TxnErr::Apply(e) => e,
         }
     }
@@ -459,7 +481,7 @@ fn first_write_error(res: &Document) -> Option<(i32, String)> {
 fn check_write_result(res: &Document) -> Result<(), TxnErr> {
     if let Some((code, msg)) = first_write_error(res) {
         if is_conflict(code) {
-            return Err(TxnErr::Conflict);
+            return Err(TxnErr::Conflict(msg));
         }
         return Err(TxnErr::Apply(ApplyError::Rejected(msg)));
     }

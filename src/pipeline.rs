@@ -20,7 +20,7 @@ use mongodb::{Client, Collection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{coalesce, upsert_for, Op, Skip};
+use crate::change::{coalesce, upsert_for, Coalesced, Op, Skip};
 use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
 use crate::config::{redact, Config, InitialSync, OnHistoryLost};
 use crate::follower::{ApplyError, Follower};
@@ -209,6 +209,7 @@ impl Pair {
         backoff: &mut Duration,
     ) -> Result<(), PairError> {
         self.check_authority()?;
+        self.follower.ensure_key_index(&self.collection).await?;
         let start = match self.resume_point().await? {
             Some(cp) if cp.copy_after.is_some() => self.initial_sync(Some(cp), stop).await?,
             Some(cp) => cp,
@@ -235,7 +236,7 @@ impl Pair {
 
     async fn start_now(&self) -> Result<Checkpoint, PairError> {
         let cp = self.capture_now().await?;
-        self.commit(&[], cp.clone(), 0, true).await?;
+        self.commit(Vec::new(), cp.clone(), 0, true).await?;
         Ok(cp)
     }
 
@@ -290,7 +291,7 @@ impl Pair {
                 let mut cp = base.clone();
                 cp.copy_after = Some(after.clone());
                 let n = ops.len() as u64;
-                self.commit(&std::mem::take(&mut ops), cp, n, false).await?;
+                self.commit(std::mem::take(&mut ops), cp, n, false).await?;
                 if stop.is_cancelled() {
                     tracing::info!(follower = %self.name(), collection = %self.collection, done, "initial sync interrupted by shutdown; it resumes where it stopped");
                     return Err(PairError::Stopped);
@@ -312,7 +313,7 @@ impl Pair {
         let removed = self.remove_extras().await?;
         let mut cp = base;
         cp.copy_after = None;
-        self.commit(&[], cp.clone(), 0, false).await?;
+        self.commit(Vec::new(), cp.clone(), 0, false).await?;
         tracing::info!(follower = %self.name(), collection = %self.collection, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
         Ok(cp)
     }
@@ -373,16 +374,24 @@ impl Pair {
     /// Applies `ops` with `cp` on the follower, then records the checkpoint locally.
     async fn commit(
         &self,
-        ops: &[Op],
+        ops: Vec<Op>,
         cp: Checkpoint,
         events: u64,
         caught_up: bool,
     ) -> Result<(), PairError> {
         self.check_authority()?;
+        let Coalesced {
+            ops,
+            duplicate_keys,
+        } = coalesce(ops);
+        for key in &duplicate_keys {
+            tracing::warn!(follower = %self.name(), collection = %self.collection, key = %key, key_field = %self.config.replication.key_field, "two source documents hold this key; the follower keeps the later one (make the key field unique on the source)");
+            self.stats.skipped("duplicate_key");
+        }
         let started = Instant::now();
         if let Err(e) = self
             .follower
-            .apply(&self.collection, ops, &cp, self.authority.term())
+            .apply(&self.collection, &ops, &cp, self.authority.term())
             .await
         {
             self.stats.batch_failed(events);
@@ -562,10 +571,10 @@ impl Pair {
 
     /// Applies the batch (coalesced) and moves the checkpoint.
     async fn flush(&self, batch: &mut Batch, caught_up: bool) -> Result<(), PairError> {
-        let ops = coalesce(std::mem::take(&mut batch.ops));
+        let ops = std::mem::take(&mut batch.ops);
         let events = std::mem::take(&mut batch.events);
         let cp = batch.checkpoint();
-        self.commit(&ops, cp, events, caught_up).await
+        self.commit(ops, cp, events, caught_up).await
     }
 }
 

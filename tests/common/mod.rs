@@ -1,0 +1,650 @@
+//! The test harness: real database servers and real replicator processes.
+//!
+//! - [`Server`] starts a SecantusDB server (or a real `mongod` as a single-node replica set,
+//!   when `mongod` is on PATH) on a free port in its own temporary directory. It can be
+//!   killed (SIGKILL) and restarted on the same port and data, and is killed when dropped,
+//!   so a failing test leaves nothing running.
+//! - [`Replicator`] runs the built `mongo-replicator` binary with a config of its own; it
+//!   can be killed with SIGKILL, stopped with SIGTERM, paused with SIGSTOP/SIGCONT, and is
+//!   killed when dropped. Its log is printed when a test fails, to explain why.
+//! - [`wait_for`] polls a condition until a deadline: tests never sleep a fixed time to
+//!   wait for something.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{doc, Document};
+use mongodb::{Client, Collection};
+
+/// Where the install script puts the server, unless `SECANTUS_BIN` says otherwise.
+fn secantus_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SECANTUS_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = std::env::var("SECANTUS_ROOT").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/mongo-replicator/secantus",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let p = PathBuf::from(root).join("bin/secantusd-rs");
+    if p.exists() {
+        return p;
+    }
+    if let Some(found) = which("secantusd-rs") {
+        return found;
+    }
+    panic!(
+        "the test server is not installed: run scripts/install-test-server.sh (or set SECANTUS_BIN)"
+    );
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// True when the suite runs against a real `mongod` (found on PATH, unless
+/// `MONGO_REPLICATOR_TEST_SERVER=secantus`).
+pub fn using_mongod() -> bool {
+    std::env::var("MONGO_REPLICATOR_TEST_SERVER").as_deref() != Ok("secantus")
+        && which("mongod").is_some()
+}
+
+/// Options for a test server.
+#[derive(Clone, Default)]
+pub struct ServerOpts {
+    /// No replica set (change streams unavailable).
+    pub standalone: bool,
+    /// Write a no-op to the oplog every N seconds while idle (mongod does every 10 s).
+    pub noop_heartbeat_secs: Option<u32>,
+    /// Keep at most this many oplog entries (to provoke "history lost").
+    pub oplog_max_entries: Option<u64>,
+}
+
+pub struct Server {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    opts: ServerOpts,
+    log: PathBuf,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Server::start_with(ServerOpts::default()).await
+    }
+
+    pub async fn start_with(opts: ServerOpts) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("mr-server-")
+            .tempdir()
+            .expect("temp dir");
+        let log = dir.path().join("server.log");
+        let mut s = Server {
+            port: 0,
+            dir,
+            child: None,
+            opts,
+            log,
+        };
+        s.spawn(0).await;
+        s
+    }
+
+    async fn spawn(&mut self, port: u16) {
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let (child, port) = if using_mongod() {
+            let port = if port == 0 { free_port() } else { port };
+            let mut cmd = Command::new("mongod");
+            cmd.args(["--bind_ip", "127.0.0.1", "--port", &port.to_string()])
+                .arg("--dbpath")
+                .arg(&data)
+                .args(["--setParameter", "enableTestCommands=1"]);
+            if !self.opts.standalone {
+                cmd.args(["--replSet", "rs0"]);
+            }
+            if let Some(n) = self.opts.oplog_max_entries {
+                // mongod sizes the oplog in MB; 1 MB is its floor.
+                let _ = n;
+                cmd.args(["--oplogSize", "1"]);
+            }
+            let child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start mongod");
+            (child, port)
+        } else {
+            let mut cmd = Command::new(secantus_bin());
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .arg("--storage-path")
+                .arg(&data)
+                .args(["--log-file-max", "16MB", "--cache-size", "128M"])
+                .arg("--enable-test-commands");
+            if self.opts.standalone {
+                cmd.arg("--standalone");
+            }
+            if let Some(s) = self.opts.noop_heartbeat_secs {
+                cmd.args(["--noop-heartbeat-seconds", &s.to_string()]);
+            }
+            if let Some(n) = self.opts.oplog_max_entries {
+                cmd.args(["--oplog-max-entries", &n.to_string()]);
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("log");
+            let mut child = cmd
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .expect("start test server");
+            let stdout = child.stdout.take().expect("stdout");
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let mut found = 0u16;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(rest) = line.trim().rsplit_once(':') {
+                    if line.contains("listening on") {
+                        found = rest.1.trim().parse().unwrap_or(0);
+                        break;
+                    }
+                }
+            }
+            assert!(found != 0, "test server did not report its port");
+            // Keep draining stdout so the server never blocks on a full pipe.
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                    sink.clear();
+                }
+            });
+            (child, found)
+        };
+        self.child = Some(child);
+        self.port = port;
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let client = Client::with_uri_str(self.direct_uri())
+            .await
+            .expect("client");
+        wait_for("server answers ping", Duration::from_secs(60), || {
+            let c = client.clone();
+            async move {
+                c.database("admin")
+                    .run_command(doc! {"ping": 1})
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        if using_mongod() && !self.opts.standalone {
+            let _ = client
+                .database("admin")
+                .run_command(doc! {"replSetInitiate": {"_id": "rs0", "members": [{"_id": 0, "host": format!("127.0.0.1:{}", self.port)}]}})
+                .await;
+            wait_for("replica set primary", Duration::from_secs(60), || {
+                let c = client.clone();
+                async move {
+                    c.database("admin")
+                        .run_command(doc! {"hello": 1})
+                        .await
+                        .map(|h| h.get_bool("isWritablePrimary").unwrap_or(false))
+                        .unwrap_or(false)
+                }
+            })
+            .await;
+        }
+    }
+
+    /// The URI the replicator is given (direct connection: the server is one node).
+    pub fn uri(&self) -> String {
+        self.direct_uri()
+    }
+
+    pub fn direct_uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    pub async fn client(&self) -> Client {
+        let mut opts = mongodb::options::ClientOptions::parse(self.direct_uri())
+            .await
+            .expect("uri");
+        opts.server_selection_timeout = Some(Duration::from_secs(5));
+        Client::with_options(opts).expect("client")
+    }
+
+    pub async fn coll(&self, name: &str) -> Collection<Document> {
+        self.client().await.database("app").collection(name)
+    }
+
+    /// SIGKILL the server (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        // The port may linger briefly; retry the spawn a few times.
+        self.spawn(port).await;
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 30)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Like [`wait_for`] but returns false instead of panicking.
+pub async fn poll_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A config for one source and some followers, with test-friendly timings.
+pub struct ConfigBuilder {
+    pub source: String,
+    pub followers: Vec<(String, String)>,
+    pub collections: Vec<String>,
+    pub extra: String,
+    pub ttl: &'static str,
+    pub renew: &'static str,
+}
+
+impl ConfigBuilder {
+    pub fn new(source: &Server, followers: &[&Server]) -> ConfigBuilder {
+        ConfigBuilder {
+            source: source.uri(),
+            followers: followers
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (format!("f{}", i + 1), f.uri()))
+                .collect(),
+            collections: vec!["data".into()],
+            extra: String::new(),
+            ttl: "3s",
+            renew: "500ms",
+        }
+    }
+
+    /// Appends raw TOML (for `[replication]` keys, say).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn render(&self, dir: &Path, http_port: u16) -> String {
+        let colls: Vec<String> = self
+            .collections
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect();
+        let mut s = format!(
+            "[source]\nuri = \"{}\"\ndatabase = \"app\"\ncollections = [{}]\n\n",
+            self.source,
+            colls.join(", ")
+        );
+        for (name, uri) in &self.followers {
+            s.push_str(&format!(
+                "[[followers]]\nname = \"{name}\"\nuri = \"{uri}\"\n\n"
+            ));
+        }
+        let has = |section: &str| self.extra.contains(section);
+        if !has("[checkpoint]") {
+            s.push_str(&format!(
+                "[checkpoint]\ntoken_file = \"{}\"\n\n",
+                dir.join("tokens.json").display()
+            ));
+        }
+        if !has("[lease]") {
+            s.push_str(&format!(
+                "[lease]\nttl = \"{}\"\nrenew_interval = \"{}\"\n\n",
+                self.ttl, self.renew
+            ));
+        }
+        s.push_str(&format!("[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n"));
+        s.push_str(&self.extra);
+        s
+    }
+}
+
+/// A running `mongo-replicator run` process.
+pub struct Replicator {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub http_port: u16,
+    pub node_id: String,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mongo-replicator")
+}
+
+impl Replicator {
+    /// Writes the config into a fresh directory and starts the process.
+    pub fn start(config: &ConfigBuilder, node_id: &str) -> Replicator {
+        let dir = tempfile::Builder::new()
+            .prefix("mr-node-")
+            .tempdir()
+            .expect("temp dir");
+        let http_port = free_port();
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config.render(dir.path(), http_port)).expect("config");
+        let log = dir.path().join("replicator.log");
+        let mut r = Replicator {
+            dir,
+            config_path,
+            http_port,
+            node_id: node_id.to_string(),
+            child: None,
+            log,
+            starts: 0,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts the process again with the same config and token file.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .args(["--node-id", &self.node_id])
+            .env("RUST_LOG", "info,mongo_replicator=debug")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start replicator");
+        self.child = Some(child);
+        self.starts += 1;
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("tokens.json")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// `/status` as JSON, or `None` when it does not answer.
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let resp = reqwest::Client::new()
+            .get(self.url("/status"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        resp.json().await.ok()
+    }
+
+    pub async fn role(&self) -> Option<String> {
+        self.status()
+            .await
+            .and_then(|s| s["role"].as_str().map(str::to_string))
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGCONT);
+            }
+        }
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- replicator {} log (last lines) ----\n{}",
+                self.node_id,
+                tail(&self.log, 60)
+            );
+        }
+    }
+}
+
+/// All documents of a collection, sorted by `dataId` then `_id`, as exact BSON.
+pub async fn dump(coll: &Collection<Document>) -> Vec<Document> {
+    use futures::TryStreamExt;
+    coll.find(doc! {})
+        .sort(doc! {"dataId": 1, "_id": 1})
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("collect")
+}
+
+/// Waits until every follower holds exactly the source's documents (byte-exact BSON).
+pub async fn wait_identical(
+    source: &Collection<Document>,
+    followers: &[Collection<Document>],
+    timeout: Duration,
+) {
+    let ok = poll_until(timeout, || async {
+        let want: Vec<Vec<u8>> = dump(source).await.iter().map(bytes).collect();
+        for f in followers {
+            let got: Vec<Vec<u8>> = dump(f).await.iter().map(bytes).collect();
+            if got != want {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if !ok {
+        let want = dump(source).await;
+        for f in followers {
+            let got = dump(f).await;
+            let missing: Vec<_> = want.iter().filter(|d| !got.contains(d)).take(5).collect();
+            let extra: Vec<_> = got.iter().filter(|d| !want.contains(d)).take(5).collect();
+            panic!(
+                "follower differs from source after {timeout:?}: source {} docs, follower {} docs; missing e.g. {missing:?}; extra e.g. {extra:?}",
+                want.len(),
+                got.len()
+            );
+        }
+    }
+}
+
+/// Exact byte equality of the raw BSON (field order and numeric types included).
+pub fn bytes(d: &Document) -> Vec<u8> {
+    mongodb::bson::to_vec(d).expect("bson")
+}
+
+/// A background writer: inserts, updates and deletes on a key space until stopped.
+/// Every write is acknowledged before the next one, so the source's final state is the
+/// truth the followers must reach.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<tokio::task::JoinHandle<u64>>,
+}
+
+impl Writer {
+    pub fn start(coll: Collection<Document>, prefix: &str, keys: u32) -> Writer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let prefix = prefix.to_string();
+        let handle = tokio::spawn(async move {
+            let mut n: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                let k = format!("{prefix}{}", n % keys as u64);
+                let res = match n % 5 {
+                    0 | 1 => coll
+                        .update_one(
+                            doc! {"dataId": &k},
+                            doc! {"$set": {"v": n as i64}, "$inc": {"writes": 1}},
+                        )
+                        .upsert(true)
+                        .await
+                        .map(|_| ()),
+                    2 => coll
+                        .update_one(doc! {"dataId": &k}, doc! {"$set": {"w": format!("x{n}")}})
+                        .await
+                        .map(|_| ()),
+                    3 => coll.delete_one(doc! {"dataId": &k}).await.map(|_| ()),
+                    _ => coll
+                        .insert_one(doc! {"dataId": format!("{prefix}i{n}"), "n": n as i64})
+                        .await
+                        .map(|_| ()),
+                };
+                if res.is_err() {
+                    // The source may be restarting; try again shortly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                n += 1;
+            }
+            n
+        });
+        Writer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops writing; returns the number of writes attempted.
+    pub async fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h.await.unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
