@@ -228,7 +228,7 @@ mod tests {
             Op::Delete { id: Bson::Int32(1) },
             up(2, "a", 2),
         ]);
-        let plan = Plan::build(&ops, "dataId", false);
+        let plan = Plan::build(&ops.ops, "dataId", false);
         assert_eq!(plan.deletes, vec![doc! {"q": {"_id": 1}, "limit": 1}]);
         assert_eq!(plan.upserts.len(), 1);
         assert_eq!(
