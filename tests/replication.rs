@@ -306,7 +306,7 @@ async fn delete_then_reinsert_of_one_key_in_a_batch_ends_in_source_order() {
         .unwrap();
     s.delete_one(doc! {"dataId": "gone"}).await.unwrap();
     let f = f1.coll("data").await;
-    wait_identical(&s, &[f.clone()], CONVERGE).await;
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
     let k = f.find_one(doc! {"dataId": "k"}).await.unwrap().unwrap();
     assert_eq!(k.get_i32("gen"), Ok(3));
     assert_eq!(f.count_documents(doc! {"dataId": "gone"}).await.unwrap(), 0);
@@ -384,7 +384,7 @@ async fn replaying_a_batch_twice_leaves_the_same_state() {
         .unwrap();
     s.delete_one(doc! {"dataId": "r4"}).await.unwrap();
     let f = f1.coll("data").await;
-    wait_identical(&s, &[f.clone()], CONVERGE).await;
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
     let before = dump(&f).await;
     r.kill9();
     std::fs::write(r.token_file(), early).unwrap();
@@ -399,7 +399,7 @@ async fn replaying_a_batch_twice_leaves_the_same_state() {
         r.log().matches("became leader").count() >= 2 && r.log().matches("caught up").count() >= 2
     })
     .await;
-    wait_identical(&s, &[f.clone()], CONVERGE).await;
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
     let after = dump(&f).await;
     assert_eq!(
         after.iter().map(bytes).collect::<Vec<_>>(),

@@ -564,16 +564,18 @@ pub async fn wait_identical(
     .await;
     if !ok {
         let want = dump(source).await;
-        for f in followers {
+        let mut report = String::new();
+        for (i, f) in followers.iter().enumerate() {
             let got = dump(f).await;
             let missing: Vec<_> = want.iter().filter(|d| !got.contains(d)).take(5).collect();
             let extra: Vec<_> = got.iter().filter(|d| !want.contains(d)).take(5).collect();
-            panic!(
-                "follower differs from source after {timeout:?}: source {} docs, follower {} docs; missing e.g. {missing:?}; extra e.g. {extra:?}",
+            report.push_str(&format!(
+                "follower #{i}: source {} docs, follower {} docs; missing e.g. {missing:?}; extra e.g. {extra:?}\n",
                 want.len(),
                 got.len()
-            );
+            ));
         }
+        panic!("followers differ from the source after {timeout:?}:\n{report}");
     }
 }
 
