@@ -1,0 +1,356 @@
+//! Bad input gets a clear one-line reason and the contract's exit code; never a panic,
+//! never silent loss. Also: history lost is reported loudly and handled per policy.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use mongodb::bson::doc;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+struct Outcome {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn run_cmd(args: &[&str]) -> Outcome {
+    let out = Command::new(bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run binary");
+    Outcome {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+fn assert_clear(o: &Outcome, code: i32, needle: &str) {
+    assert_eq!(o.code, Some(code), "exit code; stderr: {}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+    let last = o.stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains(needle),
+        "expected the last line to name `{needle}`: {}",
+        o.stderr
+    );
+}
+
+const GOOD: &str = r#"
+[source]
+uri = "mongodb://127.0.0.1:1/?directConnection=true"
+database = "app"
+collections = ["data"]
+
+[[followers]]
+name = "f1"
+uri = "mongodb://127.0.0.1:2/?directConnection=true"
+"#;
+
+#[test]
+fn malformed_configs_exit_2_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown key",
+            format!("{GOOD}\n[replication]\nbatchsize = 5\n"),
+            "batchsize",
+        ),
+        (
+            "wrong type",
+            format!("{GOOD}\n[replication]\nbatch_max_docs = \"x\"\n"),
+            "replication.batch_max_docs",
+        ),
+        (
+            "bad duration",
+            format!("{GOOD}\n[lease]\nttl = \"ten\"\n"),
+            "lease.ttl",
+        ),
+        (
+            "no followers",
+            GOOD.split("[[followers]]").next().unwrap().to_string(),
+            "followers",
+        ),
+        (
+            "duplicate names",
+            format!("{GOOD}\n[[followers]]\nname = \"f1\"\nuri = \"mongodb://h:3\"\n"),
+            "duplicate follower name",
+        ),
+        (
+            "follower is source",
+            format!("{GOOD}\n[[followers]]\nname = \"f2\"\nuri = \"mongodb://localhost:1\"\n"),
+            "source deployment itself",
+        ),
+        (
+            "bad policy",
+            format!("{GOOD}\n[replication]\nmissing_key = \"ignore\"\n"),
+            "replication.missing_key",
+        ),
+        ("not toml", "[source\nuri=".to_string(), "config file"),
+        (
+            "lease too tight",
+            format!("{GOOD}\n[lease]\nttl = \"4s\"\nrenew_interval = \"3s\"\n"),
+            "lease.ttl",
+        ),
+    ];
+    for (what, text, needle) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let o = run_cmd(&["run", "--config", path.to_str().unwrap()]);
+        assert_clear(&o, 2, needle);
+        assert_eq!(
+            o.stderr.trim().lines().count(),
+            1,
+            "{what}: one line: {}",
+            o.stderr
+        );
+        // check and status read the same config and fail the same way.
+        let o = run_cmd(&["check", "--config", path.to_str().unwrap()]);
+        assert_clear(&o, 2, needle);
+    }
+    let o = run_cmd(&["run", "--config", "/nonexistent/mr.toml"]);
+    assert_clear(&o, 2, "cannot read config file");
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let text = GOOD.replace(
+        "mongodb://127.0.0.1:2/?directConnection=true",
+        "mongodb://admin:hunter2secret@127.0.0.1:1/?directConnection=true",
+    );
+    std::fs::write(&path, text).unwrap();
+    let o = run_cmd(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(o.code, Some(2));
+    assert!(!o.stderr.contains("hunter2secret"), "{}", o.stderr);
+}
+
+#[test]
+fn an_unreachable_source_exits_non_zero_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let port = free_port();
+    let text = GOOD
+        .replace("127.0.0.1:1/", &format!("127.0.0.1:{port}/"))
+        .replace("[source]", &format!("[checkpoint]\ntoken_file = \"{}/t.json\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n[source]", dir.path().display(), free_port()));
+    std::fs::write(&path, text).unwrap();
+    let o = run_cmd(&["run", "--config", path.to_str().unwrap()]);
+    assert_clear(&o, 1, "cannot reach the source");
+    let o = run_cmd(&["check", "--config", path.to_str().unwrap()]);
+    assert_clear(&o, 3, "cannot reach the source");
+}
+
+#[tokio::test]
+async fn a_source_that_is_not_a_replica_set_is_refused() {
+    if using_mongod() {
+        eprintln!("skipped: uses the test server's --standalone mode");
+        return;
+    }
+    let src = Server::start_with(ServerOpts {
+        standalone: true,
+        ..Default::default()
+    })
+    .await;
+    let f1 = Server::start().await;
+    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let ok = poll_until(CONVERGE, || {
+        let running = r.is_running();
+        async move { !running }
+    })
+    .await;
+    assert!(ok, "the replicator should exit");
+    let log = r.log();
+    assert!(log.contains("is not a replica set"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test]
+async fn a_corrupt_token_file_stops_the_service_with_reset_help() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let cfg = ConfigBuilder::new(&src, &[&f1]);
+    let mut r = Replicator::start(&cfg, "n1");
+    wait_for("token file", CONVERGE, || async { r.token_file().exists() }).await;
+    r.terminate().await;
+    std::fs::write(
+        r.token_file(),
+        b"{\"version\": 1, \"checkpoints\": [garbage",
+    )
+    .unwrap();
+    r.spawn();
+    let ok = poll_until(CONVERGE, || {
+        let running = r.is_running();
+        async move { !running }
+    })
+    .await;
+    assert!(ok, "the replicator should refuse to start");
+    let log = r.log();
+    assert!(
+        log.contains("is corrupt") && log.contains("To reset"),
+        "{log}"
+    );
+    // The file is left as it was, for the operator to inspect.
+    assert!(std::fs::read_to_string(r.token_file())
+        .unwrap()
+        .contains("garbage"));
+}
+
+async fn missing_key_case(policy: &str) -> (Server, Server, Replicator) {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let cfg = ConfigBuilder::new(&src, &[&f1])
+        .extra(&format!("[replication]\nmissing_key = \"{policy}\"\n"));
+    let r = Replicator::start(&cfg, "n1");
+    wait_for("leader", CONVERGE, || async {
+        r.role().await.as_deref() == Some("leader")
+    })
+    .await;
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "a"}).await.unwrap();
+    s.insert_one(doc! {"_id": "no-key", "other": 1})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "b"}).await.unwrap();
+    (src, f1, r)
+}
+
+#[tokio::test]
+async fn documents_without_the_key_are_skipped_and_counted_under_skip() {
+    let (_src, f1, r) = missing_key_case("skip").await;
+    let f = f1.coll("data").await;
+    wait_for("keyed documents replicated", CONVERGE, || async {
+        f.count_documents(doc! {"dataId": {"$in": ["a", "b"]}})
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    assert_eq!(f.count_documents(doc! {"_id": "no-key"}).await.unwrap(), 0);
+    let metrics = reqwest::get(r.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mongo_replicator_skipped_events_total")
+                && l.contains("reason=\"missing_key\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(r.log().contains("skipped a document without the key field"));
+}
+
+#[tokio::test]
+async fn documents_without_the_key_match_on_id_under_use_id() {
+    let (src, f1, r) = missing_key_case("use_id").await;
+    let s = src.coll("data").await;
+    s.update_one(doc! {"_id": "no-key"}, doc! {"$set": {"other": 2}})
+        .await
+        .unwrap();
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    drop(r);
+}
+
+#[tokio::test]
+async fn a_document_without_the_key_stops_the_pipeline_under_fail() {
+    let (_src, f1, r) = missing_key_case("fail").await;
+    wait_for("pipeline stopped with the reason", CONVERGE, || async {
+        r.status().await.is_some_and(|s| {
+            s["followers"][0]["state"] == "stopped"
+                && s["followers"][0]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no `dataId` field"))
+        })
+    })
+    .await;
+    // What came before the bad document was applied; nothing after it was skipped over.
+    let f = f1.coll("data").await;
+    assert_eq!(f.count_documents(doc! {"dataId": "a"}).await.unwrap(), 1);
+    assert_eq!(f.count_documents(doc! {"dataId": "b"}).await.unwrap(), 0);
+    // The process itself stays up and healthy.
+    let h = reqwest::get(r.url("/healthz")).await.unwrap();
+    assert!(h.status().is_success());
+}
+
+/// Replicates, stops the replicator, writes past the source's (tiny) oplog and prunes it,
+/// then starts the replicator again from a checkpoint that is no longer in the oplog.
+async fn history_lost(policy: &str) -> Option<(Server, Server, Replicator)> {
+    if using_mongod() {
+        eprintln!("skipped: needs the test server's oplog pruning command");
+        return None;
+    }
+    let src = Server::start_with(ServerOpts {
+        oplog_max_entries: Some(20),
+        ..Default::default()
+    })
+    .await;
+    let f1 = Server::start().await;
+    let cfg = ConfigBuilder::new(&src, &[&f1])
+        .extra(&format!("[replication]\non_history_lost = \"{policy}\"\n"));
+    let mut r = Replicator::start(&cfg, "n1");
+    let s = src.coll("data").await;
+    for i in 0..10 {
+        s.insert_one(doc! {"dataId": format!("a{i}")})
+            .await
+            .unwrap();
+    }
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    r.terminate().await;
+    for i in 0..100 {
+        s.insert_one(doc! {"dataId": format!("b{i}")})
+            .await
+            .unwrap();
+    }
+    s.delete_one(doc! {"dataId": "a3"}).await.unwrap();
+    let pruned = src
+        .client()
+        .await
+        .database("admin")
+        .run_command(doc! {"secantusAdmin.pruneOplog": 1})
+        .await
+        .unwrap();
+    assert!(pruned.get_i64("pruned").unwrap_or(0) > 0, "{pruned}");
+    r.spawn();
+    Some((src, f1, r))
+}
+
+#[tokio::test]
+async fn history_lost_is_loud_and_resync_recopies_the_follower() {
+    let Some((src, f1, r)) = history_lost("resync").await else {
+        return;
+    };
+    let s = src.coll("data").await;
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    let log = r.log();
+    assert!(log.contains("history lost"), "{log}");
+    assert!(log.contains("copying this follower again"), "{log}");
+}
+
+#[tokio::test]
+async fn history_lost_under_fail_stops_that_follower_with_the_reason() {
+    let Some((_src, f1, r)) = history_lost("fail").await else {
+        return;
+    };
+    wait_for("stopped with history lost", CONVERGE, || async {
+        r.status().await.is_some_and(|s| {
+            s["followers"][0]["state"] == "stopped"
+                && s["followers"][0]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("history lost"))
+        })
+    })
+    .await;
+    // Nothing was silently skipped: the follower did not jump ahead to "now".
+    let f = f1.coll("data").await;
+    assert_eq!(
+        f.count_documents(doc! {"dataId": {"$regex": "^b"}})
+            .await
+            .unwrap(),
+        0
+    );
+}
