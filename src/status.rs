@@ -59,8 +59,13 @@ pub struct PairStats {
 impl PairStats {
     pub fn set_state(&self, state: PairState, error: Option<String>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let keep_error = error.is_none() && state != PairState::Streaming;
-        let err = if keep_error { s.1.take() } else { error };
+        // A plain stop keeps the reason it had (a fatal error stays visible); any other
+        // state shows the error it is given, or none.
+        let err = if error.is_none() && state == PairState::Stopped {
+            s.1.take()
+        } else {
+            error
+        };
         *s = (state, err);
         let (f, c) = (self.follower.as_str(), self.collection.as_str());
         self.metrics
@@ -393,7 +398,10 @@ impl NodeStatus {
             resync: AtomicBool::new(false),
             metrics: self.metrics.clone(),
         });
-        p.set_state(PairState::Stopped, Some("not leader".into()));
+        p.set_state(
+            PairState::Stopped,
+            Some("standby: this node does not hold the lease".into()),
+        );
         pairs.push(p.clone());
         p
     }
