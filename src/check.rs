@@ -136,10 +136,7 @@ pub enum CheckError {
 }
 
 fn cannot_run(what: &str, e: mongodb::error::Error) -> CheckError {
-    CheckError::CannotRun(format!(
-        "{what}: {}",
-        crate::source::one_line(&redact(&e.to_string()))
-    ))
+    CheckError::CannotRun(format!("{what}: {}", crate::source::describe(&e)))
 }
 
 /// The `check` subcommand.

@@ -21,7 +21,7 @@ use mongodb::{Client, ClientSession};
 
 use crate::change::{Op, Plan};
 use crate::checkpoint::Checkpoint;
-use crate::config::{redact, FollowerConfig};
+use crate::config::FollowerConfig;
 
 const FENCE_COLLECTION: &str = "fence";
 const CHECKPOINT_COLLECTION: &str = "checkpoints";
@@ -43,12 +43,8 @@ pub enum ApplyError {
 
 impl From<mongodb::error::Error> for ApplyError {
     fn from(e: mongodb::error::Error) -> Self {
-        ApplyError::Unavailable(redact(&one_line(&e.to_string())))
+        ApplyError::Unavailable(crate::source::describe(&e))
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A write error that the careful plan resolves: a duplicate key (11000) or an attempt to

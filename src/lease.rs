@@ -20,8 +20,8 @@ use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Client, Collection};
 
-use crate::config::{redact, Config};
-use crate::source::{one_line, server_time};
+use crate::config::Config;
+use crate::source::server_time;
 use crate::status::LeaseView;
 
 /// A leader's right to write: its term, valid until a local monotonic deadline.
@@ -81,7 +81,7 @@ pub struct LeaseError(String);
 
 impl From<mongodb::error::Error> for LeaseError {
     fn from(e: mongodb::error::Error) -> Self {
-        LeaseError(one_line(&redact(&e.to_string())))
+        LeaseError(crate::source::describe(&e))
     }
 }
 

@@ -25,7 +25,7 @@ use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
 use crate::config::{redact, Config, InitialSync, OnHistoryLost};
 use crate::follower::{ApplyError, Follower};
 use crate::lease::Authority;
-use crate::source::{is_history_lost, one_line};
+use crate::source::{describe, is_history_lost};
 use crate::status::{PairState, PairStats};
 
 /// How long a getMore waits on the source for new events; bounds shutdown latency too.
@@ -82,9 +82,9 @@ impl From<ApplyError> for PairError {
 
 fn source_err(e: mongodb::error::Error) -> PairError {
     if is_history_lost(&e) {
-        PairError::HistoryLost(one_line(&redact(&e.to_string())))
+        PairError::HistoryLost(describe(&e))
     } else {
-        PairError::Transient(format!("source: {}", one_line(&redact(&e.to_string()))))
+        PairError::Transient(format!("source: {}", describe(&e)))
     }
 }
 
@@ -331,7 +331,7 @@ impl Pair {
             .sort(doc! {"_id": 1})
             .batch_size(1000)
             .await
-            .map_err(|e| PairError::Transient(format!("follower: {}", redact(&e.to_string()))))?;
+            .map_err(|e| PairError::Transient(format!("follower: {}", describe(&e))))?;
         let mut removed = 0;
         let mut chunk = Vec::new();
         loop {

@@ -103,3 +103,24 @@ pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
         _ => None,
     }
 }
+
+/// A driver error as one short line: the server's code, name and message for command and
+/// write errors, without the raw server response; secrets redacted.
+pub fn describe(e: &mongodb::error::Error) -> String {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    let text = match e.kind.as_ref() {
+        ErrorKind::Command(c) => format!("{} (code {}): {}", c.code_name, c.code, c.message),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => {
+            format!("write error (code {}): {}", w.code, w.message)
+        }
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
+            format!("write concern error (code {}): {}", w.code, w.message)
+        }
+        _ => e.to_string(),
+    };
+    let text = match text.find(", server response:") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    };
+    one_line(&redact(&text))
+}
