@@ -23,6 +23,7 @@
 //! check proves the result.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,7 +66,7 @@ pub struct CheckArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub recheck_delay: Duration,
     /// Rechecks of differing keys before they are reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub recheck_rounds: u32,
 }
 
@@ -100,6 +101,10 @@ pub struct PairReport {
     pub samples_missing: Vec<String>,
     pub samples_extra: Vec<String>,
     pub samples_different: Vec<String>,
+    /// Keys rewritten on the source faster than the rechecks could verify them: not
+    /// reported as differences (see `Checker::recheck`).
+    pub unsettled: u64,
+    pub samples_unsettled: Vec<String>,
     /// Documents without the key field, which the keyed comparison leaves out.
     pub source_without_key: u64,
     pub follower_without_key: u64,
@@ -214,6 +219,7 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                     .database(&config.source.database)
                     .collection(coll),
                 key: config.replication.key_field.clone(),
+                state_db: config.replication.state_database.clone(),
                 args: args.clone(),
                 label: format!("{coll} -> {}", f.name),
             };
@@ -252,10 +258,18 @@ async fn reachable(client: &Client, what: &str) -> Result<(), CheckError> {
         .map_err(|e| cannot_run(&format!("cannot reach the {what}"), e))
 }
 
+/// The outcome of rechecking one key.
+enum Verdict {
+    Same,
+    Differs(Kind),
+    Unsettled,
+}
+
 struct Checker {
     src: Collection<Document>,
     fol: Collection<Document>,
     key: String,
+    state_db: String,
     args: CheckArgs,
     label: String,
 }
@@ -453,18 +467,25 @@ impl Checker {
         }
 
         // Recheck what differs, to drop changes that were only in flight.
-        let mut rounds = 0;
-        while !diffs.is_empty() && rounds < self.args.recheck_rounds {
-            tokio::time::sleep(self.args.recheck_delay).await;
-            let mut still = Vec::new();
-            for d in diffs {
-                if let Some(kind) = self.compare_key(&d.key).await? {
-                    still.push(Diff { kind, key: d.key });
+        let mut keys_seen = std::collections::HashSet::new();
+        diffs.retain(|d| keys_seen.insert(key_bytes(&d.key)));
+        let verdicts = self
+            .recheck(diffs.iter().map(|d| d.key.clone()).collect())
+            .await?;
+        let mut confirmed = Vec::new();
+        for (key, verdict) in verdicts {
+            match verdict {
+                Verdict::Same => {}
+                Verdict::Differs(kind) => confirmed.push(Diff { kind, key }),
+                Verdict::Unsettled => {
+                    report.unsettled += 1;
+                    if report.samples_unsettled.len() < self.args.samples {
+                        report.samples_unsettled.push(key.to_string());
+                    }
                 }
             }
-            diffs = still;
-            rounds += 1;
         }
+        let diffs = confirmed;
         for d in &diffs {
             let (count, samples) = match d.kind {
                 Kind::Missing => (&mut report.missing, &mut report.samples_missing),
@@ -548,11 +569,8 @@ impl Checker {
     }
 
     /// Compares one key on both sides now; `None` when they agree.
-    async fn compare_key(&self, key: &Bson) -> Result<Option<Kind>, CheckError> {
-        let filter = doc! {&self.key: key.clone()};
-        let s = self.fetch(&self.src, filter.clone(), "source").await?;
-        let f = self.fetch(&self.fol, filter, "follower").await?;
-        Ok(match (s.len(), f.len()) {
+    fn compare(&self, s: &[RawDocumentBuf], f: &[RawDocumentBuf]) -> Option<Kind> {
+        match (s.len(), f.len()) {
             (0, 0) => None,
             (_, 0) => Some(Kind::Missing),
             (0, _) => Some(Kind::Extra),
@@ -564,7 +582,154 @@ impl Checker {
                     Some(Kind::Different)
                 }
             }
-        })
+        }
+    }
+
+    /// Decides, for keys that differed, which are real differences and which were changes
+    /// in flight.
+    ///
+    /// Each round reads the source's documents for the pending keys and the source's
+    /// operation time T, waits (up to `--recheck-delay`) until the replicator's checkpoint on
+    /// the follower has passed T, then reads the follower and the source again. Equal: it
+    /// was in flight. Still different, with the follower past T and the source unchanged
+    /// since: a real difference. When the follower's checkpoint does not move at all (no
+    /// replicator running), a difference that persists through every round is real. A key
+    /// rewritten faster than the rounds can pin down is `Unsettled`, never reported as a
+    /// difference.
+    async fn recheck(&self, keys: Vec<Bson>) -> Result<Vec<(Bson, Verdict)>, CheckError> {
+        let mut done = Vec::new();
+        let mut pending: Vec<(Bson, Option<(Kind, bool)>)> =
+            keys.into_iter().map(|k| (k, None)).collect();
+        let mut follower_moved = false;
+        for _ in 0..self.args.recheck_rounds.max(1) {
+            if pending.is_empty() {
+                break;
+            }
+            let mut session = self
+                .src
+                .client()
+                .start_session()
+                .await
+                .map_err(|e| cannot_run("source", e))?;
+            let wanted: Vec<Bson> = pending.iter().map(|(k, _)| k.clone()).collect();
+            let s1 = self
+                .fetch_keys(&self.src, &wanted, Some(&mut session), "source")
+                .await?;
+            let t = session.operation_time();
+            let start_cp = self.follower_checkpoint().await;
+            let deadline = Instant::now() + self.args.recheck_delay;
+            let mut passed = false;
+            loop {
+                let cp = self.follower_checkpoint().await;
+                follower_moved |= cp != start_cp;
+                if let (Some(cp), Some(t)) = (cp, t) {
+                    if (cp.time, cp.increment) >= (t.time, t.increment) {
+                        passed = true;
+                        break;
+                    }
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let f = self
+                .fetch_keys(&self.fol, &wanted, None, "follower")
+                .await?;
+            let s2 = self.fetch_keys(&self.src, &wanted, None, "source").await?;
+            let empty = Vec::new();
+            let mut still = Vec::new();
+            for (key, _) in pending {
+                let kb = key_bytes(&key);
+                let a = s1.get(&kb).unwrap_or(&empty);
+                let Some(kind) = self.compare(a, f.get(&kb).unwrap_or(&empty)) else {
+                    done.push((key, Verdict::Same));
+                    continue;
+                };
+                let b = s2.get(&kb).unwrap_or(&empty);
+                let unchanged = a.len() == b.len()
+                    && a.iter().zip(b).all(|(x, y)| x.as_bytes() == y.as_bytes());
+                if passed && unchanged {
+                    done.push((key, Verdict::Differs(kind)));
+                } else {
+                    still.push((key, Some((kind, unchanged))));
+                }
+            }
+            pending = still;
+        }
+        for (key, last) in pending {
+            done.push((
+                key,
+                match last {
+                    Some((kind, true)) if !follower_moved => Verdict::Differs(kind),
+                    Some(_) => Verdict::Unsettled,
+                    None => Verdict::Same,
+                },
+            ));
+        }
+        Ok(done)
+    }
+
+    /// The documents of each key, grouped by key, read in chunks.
+    async fn fetch_keys(
+        &self,
+        coll: &Collection<Document>,
+        keys: &[Bson],
+        mut session: Option<&mut mongodb::ClientSession>,
+        what: &str,
+    ) -> Result<HashMap<Vec<u8>, Vec<RawDocumentBuf>>, CheckError> {
+        let mut out: HashMap<Vec<u8>, Vec<RawDocumentBuf>> = HashMap::new();
+        for chunk in keys.chunks(1000) {
+            let filter = doc! {&self.key: {"$in": chunk.to_vec()}};
+            for d in self
+                .fetch_in(coll, filter, session.as_deref_mut(), what)
+                .await?
+            {
+                let k = raw_key(&d, &self.key).unwrap_or(Bson::Null);
+                out.entry(key_bytes(&k)).or_default().push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The cluster time of the replicator's checkpoint on the follower for this collection.
+    async fn follower_checkpoint(&self) -> Option<mongodb::bson::Timestamp> {
+        let id = format!("{}.{}", self.fol.namespace().db, self.fol.name());
+        self.fol
+            .client()
+            .database(&self.state_db)
+            .collection::<Document>("checkpoints")
+            .find_one(doc! {"_id": id})
+            .await
+            .ok()??
+            .get_timestamp("cluster_time")
+            .ok()
+    }
+
+    async fn fetch_in(
+        &self,
+        coll: &Collection<Document>,
+        filter: Document,
+        session: Option<&mut mongodb::ClientSession>,
+        what: &str,
+    ) -> Result<Vec<RawDocumentBuf>, CheckError> {
+        let coll = coll.clone_with_type::<RawDocumentBuf>();
+        match session {
+            Some(s) => {
+                let mut cursor = coll
+                    .find(filter)
+                    .sort(doc! {"_id": 1})
+                    .session(&mut *s)
+                    .await
+                    .map_err(|e| cannot_run(what, e))?;
+                let mut out = Vec::new();
+                while let Some(d) = cursor.next(&mut *s).await {
+                    out.push(d.map_err(|e| cannot_run(what, e))?);
+                }
+                Ok(out)
+            }
+            None => self.fetch(&coll.clone_with_type(), filter, what).await,
+        }
     }
 
     async fn fetch(
@@ -623,6 +788,11 @@ impl Checker {
         }
         Ok(r)
     }
+}
+
+/// A key's encoding, usable as a map key (BSON values are not `Hash`).
+fn key_bytes(k: &Bson) -> Vec<u8> {
+    mongodb::bson::to_vec(&doc! {"k": k.clone()}).unwrap_or_default()
 }
 
 fn push_diff(out: &mut Vec<Diff>, kind: Kind, key: Bson) {
@@ -766,6 +936,13 @@ pub fn render(report: &Report, repair: bool) -> String {
             if !s.is_empty() {
                 out.push_str(&format!("  {name}: {}\n", s.join(", ")));
             }
+        }
+        if p.unsettled > 0 {
+            out.push_str(&format!(
+                "  {} key(s) changing too fast to verify (not counted as differences): {}\n",
+                p.unsettled,
+                p.samples_unsettled.join(", ")
+            ));
         }
         if p.source_without_key > 0 || p.follower_without_key > 0 {
             out.push_str(&format!(

@@ -1,0 +1,285 @@
+//! The consistency check and repair, against real servers.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use mongodb::bson::{doc, Document};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+struct Run {
+    code: i32,
+    json: serde_json::Value,
+    stdout: String,
+    stderr: String,
+}
+
+fn check(config: &std::path::Path, extra: &[&str]) -> Run {
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .args([
+            "--json",
+            "--recheck-delay",
+            "300ms",
+            "--recheck-rounds",
+            "3",
+        ])
+        .args(extra)
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        json: serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+fn counts(r: &Run) -> (u64, u64, u64) {
+    let p = &r.json["pairs"][0];
+    (
+        p["missing"].as_u64().unwrap(),
+        p["extra"].as_u64().unwrap(),
+        p["different"].as_u64().unwrap(),
+    )
+}
+
+/// A source and follower replicated to identity, then the replicator stopped.
+async fn synced(n: usize) -> (Server, Server, Replicator) {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let s = src.coll("data").await;
+    let docs: Vec<Document> = (0..n)
+        .map(|i| doc! {"dataId": format!("k{i:05}"), "n": i as i32, "tag": "t", "nested": {"a": 1, "b": 2}})
+        .collect();
+    s.insert_many(docs).await.unwrap();
+    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    r.terminate().await;
+    (src, f1, r)
+}
+
+#[tokio::test]
+async fn check_finds_exactly_the_injected_drift_and_repair_fixes_it() {
+    let (_src, f1, r) = synced(3000).await;
+    let cfg = r.config_path.clone();
+    assert_eq!(check(&cfg, &[]).code, 0, "identical to start with");
+
+    // Inject drift on the follower.
+    let f = f1.coll("data").await;
+    for k in ["k00010", "k01500", "k02999"] {
+        f.delete_one(doc! {"dataId": k}).await.unwrap(); // 3 missing
+    }
+    f.update_one(doc! {"dataId": "k00020"}, doc! {"$set": {"tag": "changed"}})
+        .await
+        .unwrap();
+    f.update_one(doc! {"dataId": "k00021"}, doc! {"$unset": {"tag": ""}})
+        .await
+        .unwrap();
+    f.insert_one(doc! {"dataId": "zzz-extra"}).await.unwrap(); // 1 extra
+    f.update_one(doc! {"dataId": "k00030"}, doc! {"$set": {"n": 30_i64}})
+        .await
+        .unwrap(); // int32 -> int64
+    let mut reordered = f
+        .find_one(doc! {"dataId": "k00040"})
+        .await
+        .unwrap()
+        .unwrap();
+    let nested = reordered.remove("nested").unwrap();
+    let mut d = doc! {"_id": reordered.remove("_id").unwrap(), "nested": nested};
+    d.extend(reordered);
+    f.replace_one(doc! {"dataId": "k00040"}, d).await.unwrap(); // same fields, other order
+
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_eq!(counts(&run), (3, 1, 4), "{}", run.stdout);
+    let p = &run.json["pairs"][0];
+    let samples = |k: &str| -> Vec<String> {
+        p[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        samples("samples_missing"),
+        ["\"k00010\"", "\"k01500\"", "\"k02999\""]
+    );
+    assert_eq!(samples("samples_extra"), ["\"zzz-extra\""]);
+    assert_eq!(
+        samples("samples_different"),
+        ["\"k00020\"", "\"k00021\"", "\"k00030\"", "\"k00040\""]
+    );
+    assert_eq!(p["checked"], 3000);
+
+    // Field order can be ignored on request.
+    let run = check(&cfg, &["--ignore-field-order"]);
+    assert_eq!(counts(&run), (3, 1, 3), "{}", run.stdout);
+
+    // Repair fixes everything, and a second check agrees.
+    let run = check(&cfg, &["--repair"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.json["pairs"][0]["repaired"]["upserted"]
+            .as_u64()
+            .unwrap()
+            >= 7
+    );
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(counts(&run), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn the_human_summary_names_counts_and_samples() {
+    let (_src, f1, r) = synced(500).await;
+    let f = f1.coll("data").await;
+    f.delete_one(doc! {"dataId": "k00007"}).await.unwrap();
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&r.config_path)
+        .args(["--recheck-delay", "100ms", "--recheck-rounds", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("500 documents checked"), "{text}");
+    assert!(text.contains("1 missing, 0 extra, 0 different"), "{text}");
+    assert!(text.contains("missing: \"k00007\""), "{text}");
+    assert!(text.contains("DIFFERENCES FOUND"), "{text}");
+}
+
+#[tokio::test]
+async fn a_check_during_continuous_replication_reports_no_false_differences() {
+    let (src, f1, f2) = (
+        Server::start().await,
+        Server::start().await,
+        Server::start().await,
+    );
+    let s = src.coll("data").await;
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1, &f2]), "n1");
+    let writer = Writer::start(s.clone(), "w", 200);
+    wait_for("some data replicated", CONVERGE, || async {
+        f1.coll("data")
+            .await
+            .count_documents(doc! {})
+            .await
+            .unwrap()
+            > 100
+    })
+    .await;
+    for _ in 0..3 {
+        let out = Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&r.config_path)
+            .args(["--json", "--range-size", "50"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "false differences under live writes: {text}"
+        );
+    }
+    let _ = writer.stop().await;
+    wait_identical(
+        &s,
+        &[f1.coll("data").await, f2.coll("data").await],
+        CONVERGE,
+    )
+    .await;
+    drop(r);
+}
+
+#[tokio::test]
+async fn repair_while_the_replicator_runs_keeps_the_newest_values() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let s = src.coll("data").await;
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    for i in 0..200 {
+        s.insert_one(doc! {"dataId": format!("k{i:03}"), "v": 0})
+            .await
+            .unwrap();
+    }
+    let f = f1.coll("data").await;
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    // Drift on the follower, then the source keeps changing the same keys while repair runs.
+    for i in 0..50 {
+        f.update_one(
+            doc! {"dataId": format!("k{i:03}")},
+            doc! {"$set": {"v": -1}},
+        )
+        .await
+        .unwrap();
+    }
+    let writer = Writer::start(s.clone(), "k0", 50);
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&r.config_path)
+        .args(["--repair", "--json"])
+        .output()
+        .unwrap();
+    let _ = writer.stop().await;
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Whatever raced, the follower ends with the source's newest documents.
+    wait_identical(&s, &[f], CONVERGE).await;
+    drop(r);
+}
+
+#[test]
+fn a_bad_config_exits_2_and_an_unreachable_follower_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[source]\nuri = 1\n").unwrap();
+    let run = check(&path, &[]);
+    assert_eq!(run.code, 2);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("source.uri"), "{}", run.stderr);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let src = rt.block_on(Server::start());
+    let text = format!(
+        "[source]\nuri = \"{}\"\ndatabase = \"app\"\ncollections = [\"data\"]\n\n[[followers]]\nname = \"gone\"\nuri = \"mongodb://127.0.0.1:{}/?directConnection=true\"\n",
+        src.uri(),
+        free_port()
+    );
+    std::fs::write(&path, text).unwrap();
+    let run = check(&path, &[]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("follower gone"), "{}", run.stderr);
+    // And --follower with an unknown name is a usage error.
+    let run = check(&path, &["--follower", "nope"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    drop(src);
+}
+
+#[tokio::test]
+async fn the_consistency_check_script_runs_check() {
+    let (_src, _f1, r) = synced(10).await;
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/consistency-check.sh"
+    ))
+    .args(["--config"])
+    .arg(&r.config_path)
+    .env("MONGO_REPLICATOR_BIN", bin())
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("result: consistent"));
+}
