@@ -95,7 +95,9 @@ pub async fn run(
         });
     }
 
+    let headroom = tokio::spawn(watch_headroom(node.clone(), stop.clone()));
     let result = lease_loop(&node, &stop).await;
+    headroom.abort();
 
     flush_stop.cancel();
     let _ = flusher.await;
@@ -228,6 +230,52 @@ fn set_own_lease_view(node: &Node, auth: &Authority) {
         holder: Some(node.config.node_id().to_string()),
         expires_in_ms: Some(left.as_millis() as i64),
     });
+}
+
+/// How often the oplog headroom is measured.
+const HEADROOM_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Measures, for each pair, how close its checkpoint is to falling off the source's oplog:
+/// the oplog window minus the checkpoint's age, i.e. the checkpoint's cluster time minus the
+/// oldest entry's. Warns when it runs low (under an hour or a fifth of the window). Sources
+/// that do not let us read `local.oplog.rs` (permissions, sharded clusters) report nothing.
+async fn watch_headroom(node: Arc<Node>, stop: CancellationToken) {
+    let oplog = node
+        .source
+        .database("local")
+        .collection::<mongodb::bson::Document>("oplog.rs");
+    loop {
+        let oldest = oplog
+            .find_one(mongodb::bson::doc! {})
+            .sort(mongodb::bson::doc! {"$natural": 1})
+            .projection(mongodb::bson::doc! {"ts": 1})
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.get_timestamp("ts").ok());
+        let now_s = crate::checkpoint::now_ms() / 1000;
+        for p in node.status.pairs() {
+            let headroom = match (oldest, p.checkpoint_cluster_ms(), node.status.is_leader()) {
+                (Some(o), Some(cp), true) => Some(cp - o.time as i64 * 1000),
+                _ => None,
+            };
+            p.set_headroom_ms(headroom);
+            if let (Some(h), Some(o)) = (headroom, oldest) {
+                let window_ms = (now_s - o.time as i64).max(0) * 1000;
+                if h < 3_600_000 && h < window_ms / 5 {
+                    tracing::warn!(
+                        follower = %p.follower, collection = %p.collection,
+                        headroom_s = h / 1000, oplog_window_s = window_ms / 1000,
+                        "oplog headroom is low: the checkpoint will fall off the source's oplog if the follower stays behind; enlarge the oplog or fix the follower"
+                    );
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEADROOM_INTERVAL) => {}
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

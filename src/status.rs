@@ -53,6 +53,8 @@ pub struct PairStats {
     caught_up: AtomicBool,
     /// Set by `POST /resync/{follower}`; the pipeline copies the follower again.
     resync: AtomicBool,
+    /// Source oplog window minus the checkpoint's age, in ms; `i64::MIN` when unknown.
+    headroom_ms: AtomicI64,
     metrics: Arc<Metrics>,
 }
 
@@ -137,6 +139,30 @@ impl PairStats {
     /// True once after a resync was requested.
     pub fn take_resync_request(&self) -> bool {
         self.resync.swap(false, Ordering::SeqCst)
+    }
+
+    /// Records how close the checkpoint is to falling off the source's oplog.
+    pub fn set_headroom_ms(&self, ms: Option<i64>) {
+        self.headroom_ms
+            .store(ms.unwrap_or(i64::MIN), Ordering::Relaxed);
+        let labels = [self.follower.as_str(), self.collection.as_str()];
+        match ms {
+            Some(v) => self
+                .metrics
+                .oplog_headroom
+                .with_label_values(&labels)
+                .set(v as f64 / 1000.0),
+            None => {
+                let _ = self.metrics.oplog_headroom.remove_label_values(&labels);
+            }
+        }
+    }
+
+    pub fn headroom_ms(&self) -> Option<i64> {
+        match self.headroom_ms.load(Ordering::Relaxed) {
+            i64::MIN => None,
+            v => Some(v),
+        }
     }
 
     pub fn applied_events(&self) -> u64 {
@@ -342,6 +368,8 @@ pub struct FollowerReport {
     pub applied_events: u64,
     pub lag_ms: Option<i64>,
     pub checkpoint_age_ms: Option<i64>,
+    /// The smallest headroom of its collections.
+    pub oplog_headroom_ms: Option<i64>,
     pub last_error: Option<String>,
     pub collections: Vec<CollectionReport>,
 }
@@ -353,6 +381,8 @@ pub struct CollectionReport {
     pub applied_events: u64,
     pub lag_ms: Option<i64>,
     pub checkpoint_age_ms: Option<i64>,
+    /// Source oplog window minus the checkpoint's age, when the source lets us read it.
+    pub oplog_headroom_ms: Option<i64>,
     pub last_error: Option<String>,
 }
 
@@ -396,6 +426,7 @@ impl NodeStatus {
             checkpoint_ct_ms: AtomicI64::new(0),
             caught_up: AtomicBool::new(false),
             resync: AtomicBool::new(false),
+            headroom_ms: AtomicI64::new(i64::MIN),
             metrics: self.metrics.clone(),
         });
         p.set_state(
@@ -435,6 +466,7 @@ impl NodeStatus {
                 applied_events: p.applied_events(),
                 lag_ms: p.lag_ms(),
                 checkpoint_age_ms: p.checkpoint_age_ms(),
+                oplog_headroom_ms: p.headroom_ms(),
                 last_error,
             };
             let f = match followers.iter_mut().find(|f| f.name == p.follower) {
@@ -446,6 +478,7 @@ impl NodeStatus {
                         applied_events: 0,
                         lag_ms: Some(0),
                         checkpoint_age_ms: Some(0),
+                        oplog_headroom_ms: c.oplog_headroom_ms,
                         last_error: None,
                         collections: Vec::new(),
                     });
@@ -458,6 +491,10 @@ impl NodeStatus {
             f.applied_events += c.applied_events;
             f.lag_ms = max_opt(f.lag_ms, c.lag_ms);
             f.checkpoint_age_ms = max_opt(f.checkpoint_age_ms, c.checkpoint_age_ms);
+            f.oplog_headroom_ms = match (f.oplog_headroom_ms, c.oplog_headroom_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if f.last_error.is_none() {
                 f.last_error = c.last_error.clone();
             }
