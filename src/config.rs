@@ -138,8 +138,9 @@ pub struct LeaseConfig {
 impl Default for LeaseConfig {
     fn default() -> Self {
         LeaseConfig {
-            ttl: Duration::from_secs(10),
-            renew_interval: Duration::from_secs(3),
+            // Failover after a leader dies takes at most ttl + the standbys' poll (1 s).
+            ttl: Duration::from_secs(5),
+            renew_interval: Duration::from_secs(1),
             database: "mongo_replicator".into(),
             collection: "leases".into(),
         }
@@ -537,7 +538,7 @@ uri = "mongodb://127.0.0.1:27018/"
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.replication.key_field, "dataId");
         assert_eq!(c.replication.batch_max_wait, Duration::from_millis(20));
-        assert_eq!(c.lease.ttl, Duration::from_secs(10));
+        assert_eq!(c.lease.ttl, Duration::from_secs(5));
         assert_eq!(c.followers[0].name, "node-2");
     }
 
