@@ -477,6 +477,7 @@ impl Pair {
                     }
                 }
             };
+            self.stats.set_pending(rx.len() as u64 + batch.events);
             let Some(item) = item else {
                 self.flush(&mut batch, false).await?;
                 return Err(PairError::Transient("change stream ended".into()));
@@ -574,7 +575,11 @@ impl Pair {
         let ops = std::mem::take(&mut batch.ops);
         let events = std::mem::take(&mut batch.events);
         let cp = batch.checkpoint();
-        self.commit(ops, cp, events, caught_up).await
+        self.commit(ops, cp, events, caught_up).await?;
+        if caught_up {
+            self.stats.set_pending(0);
+        }
+        Ok(())
     }
 }
 

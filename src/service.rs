@@ -233,7 +233,7 @@ fn set_own_lease_view(node: &Node, auth: &Authority) {
 }
 
 /// How often the oplog headroom is measured.
-const HEADROOM_INTERVAL: Duration = Duration::from_secs(15);
+const HEADROOM_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Measures, for each pair, how close its checkpoint is to falling off the source's oplog:
 /// the oplog window minus the checkpoint's age, i.e. the checkpoint's cluster time minus the

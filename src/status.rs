@@ -55,6 +55,8 @@ pub struct PairStats {
     resync: AtomicBool,
     /// Source oplog window minus the checkpoint's age, in ms; `i64::MIN` when unknown.
     headroom_ms: AtomicI64,
+    /// Changes read from the source and not yet acknowledged by the follower.
+    pending: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -165,6 +167,16 @@ impl PairStats {
         }
     }
 
+    /// How many changes are read but not yet acknowledged (the lag in events, where known:
+    /// changes the source has not yet sent are not counted).
+    pub fn set_pending(&self, n: u64) {
+        self.pending.store(n, Ordering::Relaxed);
+        self.metrics
+            .pending
+            .with_label_values(&[self.follower.as_str(), self.collection.as_str()])
+            .set(n as i64);
+    }
+
     pub fn applied_events(&self) -> u64 {
         self.applied.load(Ordering::Relaxed)
     }
@@ -210,6 +222,7 @@ pub struct Metrics {
     initial_sync: IntGaugeVec,
     up: IntGaugeVec,
     pub oplog_headroom: GaugeVec,
+    pending: IntGaugeVec,
     role: IntGauge,
     term: IntGauge,
 }
@@ -302,6 +315,14 @@ impl Metrics {
             fc,
         )
         .expect("metric");
+        let pending = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_lag_events",
+                "Changes read from the source and not yet acknowledged by the follower",
+            ),
+            fc,
+        )
+        .expect("metric");
         let role = IntGauge::new(
             "mongo_replicator_leader",
             "1 when this node holds the lease",
@@ -320,6 +341,7 @@ impl Metrics {
             Box::new(initial_sync.clone()),
             Box::new(up.clone()),
             Box::new(oplog_headroom.clone()),
+            Box::new(pending.clone()),
             Box::new(role.clone()),
             Box::new(term.clone()),
         ] {
@@ -337,6 +359,7 @@ impl Metrics {
             initial_sync,
             up,
             oplog_headroom,
+            pending,
             role,
             term,
         }
@@ -367,6 +390,7 @@ pub struct FollowerReport {
     pub state: PairState,
     pub applied_events: u64,
     pub lag_ms: Option<i64>,
+    pub lag_events: u64,
     pub checkpoint_age_ms: Option<i64>,
     /// The smallest headroom of its collections.
     pub oplog_headroom_ms: Option<i64>,
@@ -380,6 +404,8 @@ pub struct CollectionReport {
     pub state: PairState,
     pub applied_events: u64,
     pub lag_ms: Option<i64>,
+    /// Changes read and not yet acknowledged.
+    pub lag_events: u64,
     pub checkpoint_age_ms: Option<i64>,
     /// Source oplog window minus the checkpoint's age, when the source lets us read it.
     pub oplog_headroom_ms: Option<i64>,
@@ -427,6 +453,7 @@ impl NodeStatus {
             caught_up: AtomicBool::new(false),
             resync: AtomicBool::new(false),
             headroom_ms: AtomicI64::new(i64::MIN),
+            pending: AtomicU64::new(0),
             metrics: self.metrics.clone(),
         });
         p.set_state(
@@ -465,6 +492,7 @@ impl NodeStatus {
                 state,
                 applied_events: p.applied_events(),
                 lag_ms: p.lag_ms(),
+                lag_events: p.pending.load(Ordering::Relaxed),
                 checkpoint_age_ms: p.checkpoint_age_ms(),
                 oplog_headroom_ms: p.headroom_ms(),
                 last_error,
@@ -477,6 +505,7 @@ impl NodeStatus {
                         state: PairState::Streaming,
                         applied_events: 0,
                         lag_ms: Some(0),
+                        lag_events: 0,
                         checkpoint_age_ms: Some(0),
                         oplog_headroom_ms: c.oplog_headroom_ms,
                         last_error: None,
@@ -489,6 +518,7 @@ impl NodeStatus {
                 f.state = c.state;
             }
             f.applied_events += c.applied_events;
+            f.lag_events += c.lag_events;
             f.lag_ms = max_opt(f.lag_ms, c.lag_ms);
             f.checkpoint_age_ms = max_opt(f.checkpoint_age_ms, c.checkpoint_age_ms);
             f.oplog_headroom_ms = match (f.oplog_headroom_ms, c.oplog_headroom_ms) {

@@ -313,3 +313,38 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
     let docker = std::fs::read_to_string(format!("{root}/docker/config.toml")).unwrap();
     mongo_replicator::config::Config::parse(&docker).unwrap();
 }
+
+#[tokio::test]
+async fn json_logs_and_oplog_headroom_are_reported() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[log]\nformat = \"json\"\n");
+    let r = Replicator::start(&cfg, "node-1");
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "h"}).await.unwrap();
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    // The headroom: the oplog window minus the checkpoint's age, known for a leader.
+    wait_for("oplog headroom in /status", CONVERGE, || async {
+        r.status()
+            .await
+            .is_some_and(|st| st["followers"][0]["oplog_headroom_ms"].as_i64().is_some())
+    })
+    .await;
+    let m = metrics(&r).await;
+    assert!(m
+        .samples
+        .iter()
+        .any(|s| s.metric == "mongo_replicator_oplog_headroom_seconds"));
+    assert!(m
+        .samples
+        .iter()
+        .any(|s| s.metric == "mongo_replicator_lag_events"));
+    // Every log line is a JSON object.
+    let log = r.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 3);
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}

@@ -407,3 +407,32 @@ async fn replaying_a_batch_twice_leaves_the_same_state() {
     );
     drop(r);
 }
+
+#[tokio::test]
+async fn a_follower_without_transactions_still_gets_every_change() {
+    if using_mongod() {
+        eprintln!("skipped: uses the test server's --standalone mode");
+        return;
+    }
+    // A standalone follower cannot run transactions: the checkpoint is written after the
+    // batch instead of with it, which is logged.
+    let src = Server::start().await;
+    let f1 = Server::start_with(ServerOpts {
+        standalone: true,
+        ..Default::default()
+    })
+    .await;
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let s = src.coll("data").await;
+    for i in 0..20 {
+        s.insert_one(doc! {"dataId": format!("s{i}"), "i": i})
+            .await
+            .unwrap();
+    }
+    s.delete_one(doc! {"dataId": "s3"}).await.unwrap();
+    s.update_one(doc! {"dataId": "s4"}, doc! {"$set": {"i": 40}})
+        .await
+        .unwrap();
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    assert!(r.log().contains("cannot run transactions"), "{}", r.log());
+}
