@@ -9,4 +9,12 @@ export SECANTUS_BIN
 
 # Two test threads: the machine this is sized for has two cores, and the fault tests start
 # several servers and replicators each.
-cargo test -- --test-threads "${TEST_THREADS:-2}" "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test -- --test-threads "${TEST_THREADS:-2}" "$@" 2>&1 | tee "$log" || status=$?
+
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

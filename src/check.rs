@@ -38,6 +38,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{redact, Config};
 use crate::follower::Follower;
+use crate::order::cmp_bson;
 
 /// `mongo-replicator check` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -816,65 +817,6 @@ fn sorted(b: &Bson) -> Bson {
     }
 }
 
-/// The rank of a value's type in MongoDB's sort order.
-fn type_rank(b: &Bson) -> u8 {
-    match b {
-        Bson::MinKey => 1,
-        Bson::Null | Bson::Undefined => 2,
-        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 3,
-        Bson::String(_) | Bson::Symbol(_) => 4,
-        Bson::Document(_) => 5,
-        Bson::Array(_) => 6,
-        Bson::Binary(_) => 7,
-        Bson::ObjectId(_) => 8,
-        Bson::Boolean(_) => 9,
-        Bson::DateTime(_) => 10,
-        Bson::Timestamp(_) => 11,
-        Bson::RegularExpression(_) => 12,
-        Bson::MaxKey => 14,
-        _ => 13,
-    }
-}
-
-fn as_f64(b: &Bson) -> Option<f64> {
-    match b {
-        Bson::Double(v) => Some(*v),
-        Bson::Int32(v) => Some(*v as f64),
-        Bson::Int64(v) => Some(*v as f64),
-        Bson::Decimal128(d) => d.to_string().parse().ok(),
-        _ => None,
-    }
-}
-
-/// Compares two keys as MongoDB sorts them (for the types keys are made of; other types
-/// compare by their encoding, consistently on both sides).
-pub fn cmp_bson(a: &Bson, b: &Bson) -> Ordering {
-    let (ra, rb) = (type_rank(a), type_rank(b));
-    if ra != rb {
-        return ra.cmp(&rb);
-    }
-    match (a, b) {
-        (Bson::String(x), Bson::String(y)) => x.as_bytes().cmp(y.as_bytes()),
-        (Bson::ObjectId(x), Bson::ObjectId(y)) => x.bytes().cmp(&y.bytes()),
-        (Bson::Boolean(x), Bson::Boolean(y)) => x.cmp(y),
-        (Bson::DateTime(x), Bson::DateTime(y)) => x.cmp(y),
-        (Bson::Timestamp(x), Bson::Timestamp(y)) => {
-            (x.time, x.increment).cmp(&(y.time, y.increment))
-        }
-        _ if ra == 3 => as_f64(a)
-            .zip(as_f64(b))
-            .and_then(|(x, y)| x.partial_cmp(&y))
-            .unwrap_or(Ordering::Equal),
-        (Bson::Binary(x), Bson::Binary(y)) => (x.bytes.len(), u8::from(x.subtype), &x.bytes)
-            .cmp(&(y.bytes.len(), u8::from(y.subtype), &y.bytes)),
-        _ => {
-            let ea = mongodb::bson::to_vec(&doc! {"": a.clone()}).unwrap_or_default();
-            let eb = mongodb::bson::to_vec(&doc! {"": b.clone()}).unwrap_or_default();
-            ea.cmp(&eb)
-        }
-    }
-}
-
 /// Progress on a terminal (a rewritten line), log lines otherwise.
 struct Progress {
     label: String,
@@ -1034,23 +976,6 @@ pub async fn count_check(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_compare_as_mongodb_sorts_them() {
-        assert_eq!(cmp_bson(&Bson::Int32(2), &Bson::Int64(10)), Ordering::Less);
-        assert_eq!(
-            cmp_bson(&Bson::Int32(2), &Bson::Double(2.0)),
-            Ordering::Equal
-        );
-        assert_eq!(
-            cmp_bson(&Bson::Int64(5), &Bson::String("a".into())),
-            Ordering::Less
-        );
-        assert_eq!(
-            cmp_bson(&Bson::String("b".into()), &Bson::String("ab".into())),
-            Ordering::Greater
-        );
-    }
 
     #[test]
     fn field_order_is_ignored_only_when_asked() {

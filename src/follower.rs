@@ -14,7 +14,10 @@
 //! sequence: fence, data, checkpoint. That is logged once; replays are harmless because every
 //! statement is idempotent.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
+
+use futures::TryStreamExt;
 
 use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::{Client, ClientSession};
@@ -25,6 +28,7 @@ use crate::config::FollowerConfig;
 
 const FENCE_COLLECTION: &str = "fence";
 const CHECKPOINT_COLLECTION: &str = "checkpoints";
+const WRITER_SESSIONS_COLLECTION: &str = "writer_sessions";
 /// Statements are split into commands of at most this many bytes, below the 16 MiB limit.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 
@@ -62,6 +66,11 @@ pub struct Follower {
     node_id: String,
     /// 0 unknown, 1 transactions, 2 no transactions.
     txn_support: AtomicU8,
+    /// Distinguishes this process from earlier ones (and other nodes) in `writer_sessions`.
+    incarnation: String,
+    /// One session per collection, reused for every batch; its id is registered on the
+    /// follower so that a later leader can abort a transaction this process left open.
+    sessions: tokio::sync::Mutex<HashMap<String, ClientSession>>,
 }
 
 impl Follower {
@@ -82,6 +91,8 @@ impl Follower {
             key_field: key_field.to_string(),
             node_id: node_id.to_string(),
             txn_support: AtomicU8::new(0),
+            incarnation: mongodb::bson::oid::ObjectId::new().to_hex(),
+            sessions: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -168,10 +179,89 @@ impl Follower {
         term: i64,
         careful: bool,
     ) -> Result<(), TxnErr> {
-        let mut session = self.client.start_session().await.map_err(apply_err)?;
+        let mut session = self.session(collection).await?;
+        let res = self
+            .txn_in_session(&mut session, collection, ops, checkpoint, term, careful)
+            .await;
+        if res.is_ok() {
+            // Only a session whose last transaction ended cleanly is reused.
+            self.sessions
+                .lock()
+                .await
+                .insert(collection.to_string(), session);
+        }
+        res
+    }
+
+    /// The collection's session, or a new one whose id is registered on the follower first.
+    async fn session(&self, collection: &str) -> Result<ClientSession, TxnErr> {
+        if let Some(s) = self.sessions.lock().await.remove(collection) {
+            return Ok(s);
+        }
+        let session = self.client.start_session().await.map_err(apply_err)?;
+        self.client
+            .database(&self.state_db)
+            .collection::<Document>(WRITER_SESSIONS_COLLECTION)
+            .update_one(
+                doc! {"_id": format!("{}/{}/{collection}", self.node_id, self.incarnation)},
+                doc! {
+                    "$set": {"lsid": session.id().clone(), "node": &self.node_id, "incarnation": &self.incarnation},
+                    "$currentDate": {"at": true},
+                },
+            )
+            .upsert(true)
+            .await
+            .map_err(apply_err)?;
+        Ok(session)
+    }
+
+    /// Aborts transactions that earlier writers (a killed or stale process, on any node)
+    /// left open on this follower: they hold locks on the fence and would make every batch
+    /// of the new leader fail with a write conflict until the server expires them. Called
+    /// when this node starts leading; it leads with a higher term, so those writers are
+    /// stale by definition.
+    pub async fn abort_stale_writers(&self) -> Result<usize, ApplyError> {
+        let coll = self
+            .client
+            .database(&self.state_db)
+            .collection::<Document>(WRITER_SESSIONS_COLLECTION);
+        let stale: Vec<Document> = coll
+            .find(doc! {"incarnation": {"$ne": &self.incarnation}})
+            .await?
+            .try_collect()
+            .await?;
+        let lsids: Vec<Bson> = stale
+            .iter()
+            .filter_map(|d| d.get_document("lsid").ok().cloned().map(Bson::Document))
+            .collect();
+        if lsids.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self
+            .client
+            .database("admin")
+            .run_command(doc! {"killSessions": lsids.clone()})
+            .await
+        {
+            tracing::warn!(follower = %self.name, error = %crate::source::describe(&e), "could not abort transactions left open by earlier writers; they expire on the server's transaction lifetime limit");
+        }
+        let ids: Vec<Bson> = stale.iter().filter_map(|d| d.get("_id").cloned()).collect();
+        coll.delete_many(doc! {"_id": {"$in": ids}}).await?;
+        Ok(lsids.len())
+    }
+
+    async fn txn_in_session(
+        &self,
+        session: &mut ClientSession,
+        collection: &str,
+        ops: &[Op],
+        checkpoint: &Checkpoint,
+        term: i64,
+        careful: bool,
+    ) -> Result<(), TxnErr> {
         session.start_transaction().await.map_err(apply_err)?;
         if let Err(e) = self
-            .txn_body(&mut session, collection, ops, checkpoint, term, careful)
+            .txn_body(session, collection, ops, checkpoint, term, careful)
             .await
         {
             let _ = session.abort_transaction().await;

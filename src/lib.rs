@@ -12,6 +12,7 @@
 //! - [`checkpoint`]: resume positions and the token file;
 //! - [`status`] and [`http`]: what the node reports (`/status`, `/metrics`, ...);
 //! - [`check`]: the consistency check and repair;
+//! - [`order`]: MongoDB's sort order of BSON values (check merges, copy resumption);
 //! - [`service`]: `run`, tying it together.
 
 pub mod change;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod follower;
 pub mod http;
 pub mod lease;
+pub mod order;
 pub mod pipeline;
 pub mod service;
 pub mod source;

@@ -25,6 +25,7 @@ use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
 use crate::config::{redact, Config, InitialSync, OnHistoryLost};
 use crate::follower::{ApplyError, Follower};
 use crate::lease::Authority;
+use crate::order::after_filter;
 use crate::source::{describe, is_history_lost};
 use crate::status::{PairState, PairStats};
 
@@ -209,6 +210,10 @@ impl Pair {
         backoff: &mut Duration,
     ) -> Result<(), PairError> {
         self.check_authority()?;
+        let aborted = self.follower.abort_stale_writers().await?;
+        if aborted > 0 {
+            tracing::info!(follower = %self.name(), sessions = aborted, "aborted transactions left open by earlier writers");
+        }
         self.follower.ensure_key_index(&self.collection).await?;
         let start = match self.resume_point().await? {
             Some(cp) if cp.copy_after.is_some() => self.initial_sync(Some(cp), stop).await?,
@@ -663,72 +668,5 @@ async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
         _ = stop.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
-    }
-}
-
-/// Documents after `after` in `_id` order. Query comparisons only match values of the same
-/// type, so `_id`s of types that sort later are added by `$type`.
-fn after_filter(after: &Bson) -> Document {
-    const ORDER: &[(u8, &str)] = &[
-        (1, "minKey"),
-        (2, "null"),
-        (3, "double"),
-        (3, "int"),
-        (3, "long"),
-        (3, "decimal"),
-        (4, "string"),
-        (4, "symbol"),
-        (5, "object"),
-        (6, "array"),
-        (7, "binData"),
-        (8, "objectId"),
-        (9, "bool"),
-        (10, "date"),
-        (11, "timestamp"),
-        (12, "regex"),
-        (13, "maxKey"),
-    ];
-    let rank = match after {
-        Bson::MinKey => 1,
-        Bson::Null | Bson::Undefined => 2,
-        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 3,
-        Bson::String(_) | Bson::Symbol(_) => 4,
-        Bson::Document(_) => 5,
-        Bson::Array(_) => 6,
-        Bson::Binary(_) => 7,
-        Bson::ObjectId(_) => 8,
-        Bson::Boolean(_) => 9,
-        Bson::DateTime(_) => 10,
-        Bson::Timestamp(_) => 11,
-        Bson::RegularExpression(_) => 12,
-        Bson::MaxKey => 13,
-        _ => 0,
-    };
-    let later: Vec<Bson> = ORDER
-        .iter()
-        .filter(|(r, _)| *r > rank)
-        .map(|(_, n)| Bson::String((*n).to_string()))
-        .collect();
-    doc! {"$or": [{"_id": {"$gt": after.clone()}}, {"_id": {"$type": later}}]}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn after_filter_includes_later_types() {
-        let f = after_filter(&Bson::Int32(5));
-        let or = f.get_array("$or").unwrap();
-        let types = or[1]
-            .as_document()
-            .unwrap()
-            .get_document("_id")
-            .unwrap()
-            .get_array("$type")
-            .unwrap();
-        assert!(types.contains(&Bson::String("objectId".into())));
-        assert!(types.contains(&Bson::String("string".into())));
-        assert!(!types.contains(&Bson::String("int".into())));
     }
 }

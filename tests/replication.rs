@@ -436,3 +436,38 @@ async fn a_follower_without_transactions_still_gets_every_change() {
     wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
     assert!(r.log().contains("cannot run transactions"), "{}", r.log());
 }
+
+#[tokio::test]
+async fn an_initial_sync_cut_by_kill_minus_9_resumes_where_it_stopped() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let s = src.coll("data").await;
+    // Mixed _id types, so resuming "after the last _id" must cross type boundaries.
+    let mut docs = Vec::new();
+    for i in 0..6000 {
+        docs.push(match i % 3 {
+            0 => doc! {"_id": i, "dataId": format!("d{i}")},
+            1 => doc! {"_id": format!("s{i:05}"), "dataId": format!("d{i}")},
+            _ => doc! {"dataId": format!("d{i}")},
+        });
+    }
+    s.insert_many(docs).await.unwrap();
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\nbatch_max_docs = 100\n");
+    let mut r = Replicator::start(&cfg, "n1");
+    let f = f1.coll("data").await;
+    wait_for("part of the copy done", CONVERGE, || async {
+        f.count_documents(doc! {}).await.unwrap() >= 1500
+    })
+    .await;
+    r.kill9();
+    let copied = f.count_documents(doc! {}).await.unwrap();
+    assert!(
+        copied < 6000,
+        "the copy finished before the kill; nothing to resume"
+    );
+    r.spawn();
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    assert!(
+        r.log().contains("resumed=true"),
+        "the copy resumed instead of restarting"
+    );
+}

@@ -1,0 +1,155 @@
+//! MongoDB's sort order of BSON values, where the replicator needs to follow it: the
+//! check merges two key-ordered streams, and a resumed initial copy continues after the last
+//! `_id` it copied.
+
+use std::cmp::Ordering;
+
+use mongodb::bson::{doc, Bson, Document};
+
+/// The rank of each type name in MongoDB's sort order (numbers share a rank, as do strings
+/// and symbols), as `$type` names them.
+const TYPE_ORDER: &[(u8, &str)] = &[
+    (1, "minKey"),
+    (2, "null"),
+    (3, "double"),
+    (3, "int"),
+    (3, "long"),
+    (3, "decimal"),
+    (4, "string"),
+    (4, "symbol"),
+    (5, "object"),
+    (6, "array"),
+    (7, "binData"),
+    (8, "objectId"),
+    (9, "bool"),
+    (10, "date"),
+    (11, "timestamp"),
+    (12, "regex"),
+    (14, "maxKey"),
+];
+
+/// The rank of a value's type in MongoDB's sort order.
+pub fn type_rank(b: &Bson) -> u8 {
+    match b {
+        Bson::MinKey => 1,
+        Bson::Null | Bson::Undefined => 2,
+        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 3,
+        Bson::String(_) | Bson::Symbol(_) => 4,
+        Bson::Document(_) => 5,
+        Bson::Array(_) => 6,
+        Bson::Binary(_) => 7,
+        Bson::ObjectId(_) => 8,
+        Bson::Boolean(_) => 9,
+        Bson::DateTime(_) => 10,
+        Bson::Timestamp(_) => 11,
+        Bson::RegularExpression(_) => 12,
+        Bson::MaxKey => 14,
+        _ => 13,
+    }
+}
+
+fn as_f64(b: &Bson) -> Option<f64> {
+    match b {
+        Bson::Double(v) => Some(*v),
+        Bson::Int32(v) => Some(*v as f64),
+        Bson::Int64(v) => Some(*v as f64),
+        Bson::Decimal128(d) => d.to_string().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Compares two keys as MongoDB sorts them (for the types keys are made of; other types
+/// compare by their encoding, consistently on both sides).
+pub fn cmp_bson(a: &Bson, b: &Bson) -> Ordering {
+    let (ra, rb) = (type_rank(a), type_rank(b));
+    if ra != rb {
+        return ra.cmp(&rb);
+    }
+    match (a, b) {
+        (Bson::String(x), Bson::String(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Bson::ObjectId(x), Bson::ObjectId(y)) => x.bytes().cmp(&y.bytes()),
+        (Bson::Boolean(x), Bson::Boolean(y)) => x.cmp(y),
+        (Bson::DateTime(x), Bson::DateTime(y)) => x.cmp(y),
+        (Bson::Timestamp(x), Bson::Timestamp(y)) => {
+            (x.time, x.increment).cmp(&(y.time, y.increment))
+        }
+        _ if ra == 3 => as_f64(a)
+            .zip(as_f64(b))
+            .and_then(|(x, y)| x.partial_cmp(&y))
+            .unwrap_or(Ordering::Equal),
+        (Bson::Binary(x), Bson::Binary(y)) => (x.bytes.len(), u8::from(x.subtype), &x.bytes)
+            .cmp(&(y.bytes.len(), u8::from(y.subtype), &y.bytes)),
+        _ => {
+            let ea = mongodb::bson::to_vec(&doc! {"": a.clone()}).unwrap_or_default();
+            let eb = mongodb::bson::to_vec(&doc! {"": b.clone()}).unwrap_or_default();
+            ea.cmp(&eb)
+        }
+    }
+}
+
+/// Documents whose `_id` sorts after `after`. Query comparisons only match values of the
+/// same type, so `_id`s of types that sort later are added by `$type`.
+pub fn after_filter(after: &Bson) -> Document {
+    let rank = type_rank(after);
+    let later: Vec<Bson> = TYPE_ORDER
+        .iter()
+        .filter(|(r, _)| *r > rank)
+        .map(|(_, n)| Bson::String((*n).to_string()))
+        .collect();
+    doc! {"$or": [{"_id": {"$gt": after.clone()}}, {"_id": {"$type": later}}]}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_as_mongodb_sorts_them() {
+        assert_eq!(cmp_bson(&Bson::Int32(2), &Bson::Int64(10)), Ordering::Less);
+        assert_eq!(
+            cmp_bson(&Bson::Int32(2), &Bson::Double(2.0)),
+            Ordering::Equal
+        );
+        assert_eq!(
+            cmp_bson(&Bson::Int64(5), &Bson::String("a".into())),
+            Ordering::Less
+        );
+        assert_eq!(
+            cmp_bson(&Bson::String("b".into()), &Bson::String("ab".into())),
+            Ordering::Greater
+        );
+    }
+
+    #[test]
+    fn after_filter_includes_later_types() {
+        let f = after_filter(&Bson::Int32(5));
+        let or = f.get_array("$or").unwrap();
+        let types = or[1]
+            .as_document()
+            .unwrap()
+            .get_document("_id")
+            .unwrap()
+            .get_array("$type")
+            .unwrap();
+        assert!(types.contains(&Bson::String("objectId".into())));
+        assert!(types.contains(&Bson::String("string".into())));
+        assert!(!types.contains(&Bson::String("int".into())));
+    }
+
+    #[test]
+    fn type_names_and_ranks_agree() {
+        for (v, name) in [
+            (Bson::Null, "null"),
+            (Bson::Int64(1), "long"),
+            (Bson::String("s".into()), "string"),
+            (
+                Bson::ObjectId(mongodb::bson::oid::ObjectId::new()),
+                "objectId",
+            ),
+            (Bson::Boolean(true), "bool"),
+        ] {
+            let rank = TYPE_ORDER.iter().find(|(_, n)| *n == name).unwrap().0;
+            assert_eq!(type_rank(&v), rank, "{name}");
+        }
+    }
+}
