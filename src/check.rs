@@ -451,17 +451,12 @@ impl Checker {
         // Pass 2: descend into the differing ranges.
         let mut diffs = Vec::new();
         for (lo, hi) in &differing {
-            let mut range = self.keyed();
-            let mut bounds = Document::new();
-            if let Some(l) = lo {
-                bounds.insert("$gt", l.clone());
-            }
-            if let Some(h) = hi {
-                bounds.insert("$lte", h.clone());
-            }
-            if !bounds.is_empty() {
-                range = doc! {"$and": [range, {&self.key: bounds}]};
-            }
+            let bounds = crate::order::range_filter(&self.key, lo.as_ref(), hi.as_ref());
+            let range = if bounds.is_empty() {
+                self.keyed()
+            } else {
+                doc! {"$and": [self.keyed(), bounds]}
+            };
             let mut s = self.open(&self.src, range.clone(), "source").await?;
             let mut f = self.open(&self.fol, range, "follower").await?;
             self.diff_streams(&mut s, &mut f, &mut diffs).await?;

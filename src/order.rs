@@ -87,16 +87,47 @@ pub fn cmp_bson(a: &Bson, b: &Bson) -> Ordering {
     }
 }
 
-/// Documents whose `_id` sorts after `after`. Query comparisons only match values of the
-/// same type, so `_id`s of types that sort later are added by `$type`.
-pub fn after_filter(after: &Bson) -> Document {
-    let rank = type_rank(after);
-    let later: Vec<Bson> = TYPE_ORDER
+/// `$type` names of the types that sort strictly after (`later`) or before a value's type.
+fn other_types(v: &Bson, later: bool) -> Vec<Bson> {
+    let rank = type_rank(v);
+    TYPE_ORDER
         .iter()
-        .filter(|(r, _)| *r > rank)
+        .filter(|(r, _)| if later { *r > rank } else { *r < rank })
         .map(|(_, n)| Bson::String((*n).to_string()))
-        .collect();
-    doc! {"$or": [{"_id": {"$gt": after.clone()}}, {"_id": {"$type": later}}]}
+        .collect()
+}
+
+/// Documents whose `field` sorts after `lo` (exclusive) and up to `hi` (inclusive), in
+/// MongoDB's sort order across types. Query comparisons only match values of the same type
+/// (`{$gt: 5}` matches no string), so values of types that sort between the bounds' types
+/// are added by `$type`. `None` leaves that side open.
+pub fn range_filter(field: &str, lo: Option<&Bson>, hi: Option<&Bson>) -> Document {
+    let mut parts = Vec::new();
+    if let Some(lo) = lo {
+        parts.push(Bson::Document(doc! {"$or": [
+            {field: {"$gt": lo.clone()}},
+            {field: {"$type": other_types(lo, true)}},
+        ]}));
+    }
+    if let Some(hi) = hi {
+        parts.push(Bson::Document(doc! {"$or": [
+            {field: {"$lte": hi.clone()}},
+            {field: {"$type": other_types(hi, false)}},
+        ]}));
+    }
+    match parts.len() {
+        0 => doc! {},
+        1 => match parts.pop() {
+            Some(Bson::Document(d)) => d,
+            _ => doc! {},
+        },
+        _ => doc! {"$and": parts},
+    }
+}
+
+/// Documents whose `_id` sorts after `after` (to resume a copy in `_id` order).
+pub fn after_filter(after: &Bson) -> Document {
+    range_filter("_id", Some(after), None)
 }
 
 #[cfg(test)]
@@ -124,6 +155,7 @@ mod tests {
     fn after_filter_includes_later_types() {
         let f = after_filter(&Bson::Int32(5));
         let or = f.get_array("$or").unwrap();
+        assert_eq!(or[0].as_document().unwrap(), &doc! {"_id": {"$gt": 5}});
         let types = or[1]
             .as_document()
             .unwrap()
@@ -134,6 +166,23 @@ mod tests {
         assert!(types.contains(&Bson::String("objectId".into())));
         assert!(types.contains(&Bson::String("string".into())));
         assert!(!types.contains(&Bson::String("int".into())));
+    }
+
+    #[test]
+    fn a_range_across_types_includes_the_types_between() {
+        let f = range_filter("k", Some(&Bson::Int32(5)), Some(&Bson::String("b".into())));
+        let and = f.get_array("$and").unwrap();
+        assert_eq!(and.len(), 2);
+        let upto = and[1].as_document().unwrap().get_array("$or").unwrap();
+        let earlier = upto[1]
+            .as_document()
+            .unwrap()
+            .get_document("k")
+            .unwrap()
+            .get_array("$type")
+            .unwrap();
+        assert!(earlier.contains(&Bson::String("int".into())));
+        assert!(!earlier.contains(&Bson::String("string".into())));
     }
 
     #[test]

@@ -39,6 +39,9 @@ fn assert_clear(o: &Outcome, code: i32, needle: &str) {
     );
 }
 
+/// A port where nothing listens.
+const CLOSED_PORT: u16 = 1;
+
 const GOOD: &str = r#"
 [source]
 uri = "mongodb://127.0.0.1:1/?directConnection=true"
@@ -133,7 +136,9 @@ fn secrets_never_appear_in_errors() {
 fn an_unreachable_source_exits_non_zero_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
-    let port = free_port();
+    // Port 1: nothing listens there, so connections are refused at once (a free port
+    // picked now could be taken by another test's server before the check runs).
+    let port = CLOSED_PORT;
     let text = GOOD
         .replace("127.0.0.1:1/", &format!("127.0.0.1:{port}/"))
         .replace("[source]", &format!("[checkpoint]\ntoken_file = \"{}/t.json\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n[source]", dir.path().display(), free_port()));

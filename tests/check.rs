@@ -250,7 +250,7 @@ fn a_bad_config_exits_2_and_an_unreachable_follower_exits_3() {
     let text = format!(
         "[source]\nuri = \"{}\"\ndatabase = \"app\"\ncollections = [\"data\"]\n\n[[followers]]\nname = \"gone\"\nuri = \"mongodb://127.0.0.1:{}/?directConnection=true\"\n",
         src.uri(),
-        free_port()
+        1 // nothing listens on port 1: refused at once
     );
     std::fs::write(&path, text).unwrap();
     let run = check(&path, &[]);
@@ -282,4 +282,25 @@ async fn the_consistency_check_script_runs_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("result: consistent"));
+}
+
+#[tokio::test]
+async fn keys_of_mixed_types_are_compared_across_type_boundaries() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let s = src.coll("data").await;
+    let mut docs: Vec<Document> = (0..15).map(|i| doc! {"dataId": i, "v": 1}).collect();
+    docs.extend((0..15).map(|i| doc! {"dataId": format!("s{i:02}"), "v": 1}));
+    s.insert_many(docs).await.unwrap();
+    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let f = f1.coll("data").await;
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    r.terminate().await;
+    // Ranges of 10 keys: the second range runs from the int 9 to the string "s04".
+    f.delete_one(doc! {"dataId": "s01"}).await.unwrap();
+    f.update_one(doc! {"dataId": 12}, doc! {"$set": {"v": 2}})
+        .await
+        .unwrap();
+    let run = check(&r.config_path, &["--range-size", "10"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_eq!(counts(&run), (1, 0, 1), "{}", run.stdout);
 }

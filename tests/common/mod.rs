@@ -262,11 +262,22 @@ impl Drop for Server {
     }
 }
 
+/// A port for a replicator's HTTP listener. Taken below the kernel's ephemeral range
+/// (32768 and up), where servers started with `--port 0` land, so that a server started by a
+/// parallel test cannot grab it between this check and the replicator's bind; spread by
+/// process id and a counter so that parallel tests do not pick the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 100) * 120;
+    for _ in 0..2000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (20_000 + (offset + n) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 fn tail(path: &Path, n: usize) -> String {
