@@ -109,14 +109,14 @@ impl Pair {
                 return Exit::Shutdown;
             }
             let err = match self.run_once(&stop, &mut backoff).await {
-                Ok(()) | Err(PairError::Stopped) => {
-                    self.stats.set_state(PairState::Stopped, None);
-                    return Exit::Shutdown;
-                }
+                Ok(()) => PairError::Stopped,
                 Err(e) => e,
             };
             match err {
-                PairError::Stopped => unreachable!("handled above"),
+                PairError::Stopped => {
+                    self.stats.set_state(PairState::Stopped, None);
+                    return Exit::Shutdown;
+                }
                 PairError::NotLeader(msg) => {
                     tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %msg, "pipeline stops: this node is no longer the leader");
                     self.stats.set_state(PairState::Stopped, Some(msg.clone()));
