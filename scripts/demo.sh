@@ -19,15 +19,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_server() { # name -> prints port
-    local name=$1 port
+# Starts a server in this shell (so that cleanup can stop it) and sets PORT to its port.
+start_server() {
+    local name=$1
     mkdir -p "$DEMO/$name"
     "$SERVER" --host 127.0.0.1 --port 0 --storage-path "$DEMO/$name" --log-file-max 16MB \
         --cache-size 256M >"$DEMO/$name.out" 2>"$DEMO/$name.err" &
     PIDS+=($!)
+    PORT=""
     for _ in $(seq 1 100); do
-        port=$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$DEMO/$name.out" | head -n 1)
-        if [[ -n "$port" ]]; then echo "$port"; return 0; fi
+        PORT=$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$DEMO/$name.out" | head -n 1)
+        if [[ -n "$PORT" ]]; then return 0; fi
         sleep 0.1
     done
     echo "server $name did not start" >&2
@@ -35,9 +37,12 @@ start_server() { # name -> prints port
 }
 
 echo "== starting a source and two followers"
-SRC=$(start_server source)
-F1=$(start_server follower-1)
-F2=$(start_server follower-2)
+start_server source
+SRC=$PORT
+start_server follower-1
+F1=$PORT
+start_server follower-2
+F2=$PORT
 HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 9187)
 echo "   source 127.0.0.1:$SRC, followers 127.0.0.1:$F1 and 127.0.0.1:$F2"
 

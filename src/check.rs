@@ -154,13 +154,7 @@ pub async fn main(args: CheckArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log.level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::service::init_logging(&config);
     match run(&config, &args).await {
         Ok(report) => {
             if args.json {
@@ -343,7 +337,10 @@ impl Checker {
         let cursor = coll
             .clone_with_type::<RawDocumentBuf>()
             .find(filter)
-            .sort(doc! {&self.key: 1, "_id": 1})
+            // By key alone, so that an index on the key serves the sort without a blocking
+            // sort of the whole collection. Documents sharing a key (the key should be
+            // unique) may then come in any order; the recheck compares them by `_id`.
+            .sort(doc! {&self.key: 1})
             .allow_disk_use(true)
             .batch_size(1000)
             .await
@@ -368,6 +365,7 @@ impl Checker {
             follower: follower.to_string(),
             ..Default::default()
         };
+        tracing::debug!(pair = %self.label, "counting documents");
         report.source_count = self
             .src
             .count_documents(doc! {})
@@ -391,6 +389,7 @@ impl Checker {
             .map_err(|e| cannot_run("follower", e))?;
 
         // Pass 1: range hashes.
+        tracing::debug!(pair = %self.label, source = report.source_count, follower = report.follower_count, "hashing ranges");
         let mut src = self.open(&self.src, self.keyed(), "source").await?;
         let mut fol = self.open(&self.fol, self.keyed(), "follower").await?;
         let mut differing: Vec<(Option<Bson>, Option<Bson>)> = Vec::new();
@@ -449,6 +448,7 @@ impl Checker {
         progress.done(report.checked);
 
         // Pass 2: descend into the differing ranges.
+        tracing::debug!(pair = %self.label, ranges = report.ranges, differing = differing.len(), "comparing differing ranges");
         let mut diffs = Vec::new();
         for (lo, hi) in &differing {
             let bounds = crate::order::range_filter(&self.key, lo.as_ref(), hi.as_ref());

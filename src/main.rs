@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mongo_replicator::config::{Config, LogFormat};
+use mongo_replicator::config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -56,23 +56,6 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn init_logging(config: &Config) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(&config.log.level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -96,7 +79,7 @@ fn main() -> ExitCode {
                     eprintln!("error: {e}");
                     return ExitCode::from(EXIT_USAGE);
                 }
-                init_logging(&config);
+                mongo_replicator::service::init_logging(&config);
                 match mongo_replicator::service::run(
                     config,
                     mongo_replicator::service::shutdown_signal(),

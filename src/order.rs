@@ -101,7 +101,15 @@ fn other_types(v: &Bson, later: bool) -> Vec<Bson> {
 /// MongoDB's sort order across types. Query comparisons only match values of the same type
 /// (`{$gt: 5}` matches no string), so values of types that sort between the bounds' types
 /// are added by `$type`. `None` leaves that side open.
+///
+/// A range whose bounds share a type is a plain `$gt`/`$lte` range, which an index on the
+/// field serves; only open and type-crossing ranges need the `$type` terms.
 pub fn range_filter(field: &str, lo: Option<&Bson>, hi: Option<&Bson>) -> Document {
+    if let (Some(lo), Some(hi)) = (lo, hi) {
+        if type_rank(lo) == type_rank(hi) {
+            return doc! {field: {"$gt": lo.clone(), "$lte": hi.clone()}};
+        }
+    }
     let mut parts = Vec::new();
     if let Some(lo) = lo {
         parts.push(Bson::Document(doc! {"$or": [
@@ -183,6 +191,12 @@ mod tests {
             .unwrap();
         assert!(earlier.contains(&Bson::String("int".into())));
         assert!(!earlier.contains(&Bson::String("string".into())));
+    }
+
+    #[test]
+    fn a_range_within_one_type_is_a_plain_range() {
+        let f = range_filter("k", Some(&Bson::Int32(5)), Some(&Bson::Int64(9)));
+        assert_eq!(f, doc! {"k": {"$gt": 5, "$lte": 9_i64}});
     }
 
     #[test]

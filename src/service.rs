@@ -232,6 +232,28 @@ fn set_own_lease_view(node: &Node, auth: &Authority) {
     });
 }
 
+/// Logs to stderr at `[log] level` (`RUST_LOG` overrides it), as text or JSON lines.
+pub fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::try_new(&config.log.level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        crate::config::LogFormat::Json => {
+            let _ = builder.json().try_init();
+        }
+        crate::config::LogFormat::Text => {
+            let _ = builder.try_init();
+        }
+    }
+}
+
 /// How often the oplog headroom is measured.
 const HEADROOM_INTERVAL: Duration = Duration::from_secs(5);
 
