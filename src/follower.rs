@@ -259,7 +259,11 @@ impl Follower {
         term: i64,
         careful: bool,
     ) -> Result<(), TxnErr> {
-        session.start_transaction().await.map_err(apply_err)?;
+        session
+            .start_transaction()
+            .write_concern(durable())
+            .await
+            .map_err(apply_err)?;
         if let Err(e) = self
             .txn_body(session, collection, ops, checkpoint, term, careful)
             .await
@@ -340,8 +344,13 @@ impl Follower {
     ) -> Result<Document, ApplyError> {
         let db = self.client.database(db);
         let res = match session {
+            // Inside a transaction the commit carries the write concern.
             Some(s) => db.run_command(cmd).session(s).await,
-            None => db.run_command(cmd).await,
+            None => {
+                let mut cmd = cmd;
+                cmd.insert("writeConcern", doc! {"w": "majority", "j": true});
+                db.run_command(cmd).await
+            }
         };
         Ok(res?)
     }
@@ -533,6 +542,16 @@ impl Follower {
     pub fn data_db(&self) -> &str {
         &self.data_db
     }
+}
+
+/// The write concern of every follower write: acknowledged by a majority and journaled, so
+/// that an acknowledged batch (and the checkpoint that moves past it) survives a crash of
+/// the follower.
+fn durable() -> mongodb::options::WriteConcern {
+    mongodb::options::WriteConcern::builder()
+        .w(mongodb::options::Acknowledgment::Majority)
+        .journal(true)
+        .build()
 }
 
 fn apply_err(e: mongodb::error::Error) -> TxnErr {

@@ -129,7 +129,10 @@ impl Server {
                 .arg("--storage-path")
                 .arg(&data)
                 .args(["--log-file-max", "16MB", "--cache-size", "128M"])
-                .arg("--enable-test-commands");
+                .arg("--enable-test-commands")
+                // Journaled writes survive a kill -9, as acknowledged writes do on mongod
+                // (SecantusDB otherwise acknowledges before its log is synced).
+                .arg("--sync-on-commit");
             if self.opts.standalone {
                 cmd.arg("--standalone");
             }
@@ -243,9 +246,27 @@ impl Server {
         }
     }
 
-    /// Starts it again on the same port and data.
+    /// Stops it cleanly (SIGTERM, bounded wait, then SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data (after a clean stop if it is running).
     pub async fn restart(&mut self) {
-        self.kill();
+        self.stop();
         let port = self.port;
         // The port may linger briefly; retry the spawn a few times.
         self.spawn(port).await;
