@@ -288,8 +288,18 @@ impl Pair {
             let next = cursor.try_next().await.map_err(source_err)?;
             let finished = next.is_none();
             if let Some(doc) = next {
-                after = doc.get("_id").cloned().unwrap_or(Bson::Null);
-                self.push_upsert(doc, &mut ops)?;
+                let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+                if let Err(e) = self.push_upsert(doc, &mut ops) {
+                    // Copy what came before the bad document, then stop at it.
+                    if !ops.is_empty() {
+                        let mut cp = base.clone();
+                        cp.copy_after = Some(after.clone());
+                        let n = ops.len() as u64;
+                        self.commit(std::mem::take(&mut ops), cp, n, false).await?;
+                    }
+                    return Err(e);
+                }
+                after = id;
                 done += 1;
             }
             if ops.len() >= max || (finished && !ops.is_empty()) {

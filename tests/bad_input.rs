@@ -359,3 +359,39 @@ async fn history_lost_under_fail_stops_that_follower_with_the_reason() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_document_without_the_key_stops_the_initial_copy_under_fail() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let s = src.coll("data").await;
+    // Copied in _id order: 1 is fine, 2 has no key, 3 is never reached.
+    s.insert_many(vec![
+        doc! {"_id": 1, "dataId": "a"},
+        doc! {"_id": 2, "other": true},
+        doc! {"_id": 3, "dataId": "b"},
+    ])
+    .await
+    .unwrap();
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\nmissing_key = \"fail\"\n");
+    let r = Replicator::start(&cfg, "n1");
+    wait_for("pipeline stopped with the reason", CONVERGE, || async {
+        r.status().await.is_some_and(|s| {
+            s["followers"][0]["state"] == "stopped"
+                && s["followers"][0]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no `dataId` field"))
+        })
+    })
+    .await;
+    let f = f1.coll("data").await;
+    assert_eq!(
+        f.count_documents(doc! {"_id": 1}).await.unwrap(),
+        1,
+        "copied before the bad document"
+    );
+    assert_eq!(
+        f.count_documents(doc! {"_id": 3}).await.unwrap(),
+        0,
+        "nothing past it"
+    );
+}
