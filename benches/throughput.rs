@@ -99,6 +99,7 @@ async fn main() {
         .await
         .unwrap();
     }
+    let source_updates = n as f64 / t.elapsed().as_secs_f64();
     until_count(&f, doc! {"u": 1}, n as u64).await;
     let updates = n as f64 / t.elapsed().as_secs_f64();
     wait_identical(&s, &[f], Duration::from_secs(300)).await;
@@ -117,7 +118,7 @@ async fn main() {
         inserts / baseline
     );
     println!(
-        "  streaming single-document updates         {updates:>9.0}   {:.2}",
+        "  streaming single-document updates (the source took {source_updates:.0}/s from one client) {updates:>9.0}   {:.2}",
         updates / baseline
     );
     println!("follower identical to the source: yes");
