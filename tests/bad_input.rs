@@ -264,15 +264,7 @@ async fn documents_without_the_key_match_on_id_under_use_id() {
 #[tokio::test]
 async fn a_document_without_the_key_stops_the_pipeline_under_fail() {
     let (_src, f1, r) = missing_key_case("fail").await;
-    wait_for("pipeline stopped with the reason", CONVERGE, || async {
-        r.status().await.is_some_and(|s| {
-            s["followers"][0]["state"] == "stopped"
-                && s["followers"][0]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("no `dataId` field"))
-        })
-    })
-    .await;
+    r.wait_stopped_with("no `dataId` field", CONVERGE).await;
     // What came before the bad document was applied; nothing after it was skipped over.
     let f = f1.coll("data").await;
     assert_eq!(f.count_documents(doc! {"dataId": "a"}).await.unwrap(), 1);
@@ -341,15 +333,7 @@ async fn history_lost_under_fail_stops_that_follower_with_the_reason() {
     let Some((_src, f1, r)) = history_lost("fail").await else {
         return;
     };
-    wait_for("stopped with history lost", CONVERGE, || async {
-        r.status().await.is_some_and(|s| {
-            s["followers"][0]["state"] == "stopped"
-                && s["followers"][0]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("history lost"))
-        })
-    })
-    .await;
+    r.wait_stopped_with("history lost", CONVERGE).await;
     // Nothing was silently skipped: the follower did not jump ahead to "now".
     let f = f1.coll("data").await;
     assert_eq!(
@@ -374,15 +358,7 @@ async fn a_document_without_the_key_stops_the_initial_copy_under_fail() {
     .unwrap();
     let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\nmissing_key = \"fail\"\n");
     let r = Replicator::start(&cfg, "n1");
-    wait_for("pipeline stopped with the reason", CONVERGE, || async {
-        r.status().await.is_some_and(|s| {
-            s["followers"][0]["state"] == "stopped"
-                && s["followers"][0]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("no `dataId` field"))
-        })
-    })
-    .await;
+    r.wait_stopped_with("no `dataId` field", CONVERGE).await;
     let f = f1.coll("data").await;
     assert_eq!(
         f.count_documents(doc! {"_id": 1}).await.unwrap(),

@@ -540,6 +540,24 @@ impl Replicator {
         resp.json().await.ok()
     }
 
+    /// Waits until the first follower reports `stopped` with a last error containing
+    /// `needle`.
+    pub async fn wait_stopped_with(&self, needle: &str, timeout: Duration) {
+        wait_for(
+            &format!("pipeline stopped with `{needle}`"),
+            timeout,
+            || async {
+                self.status().await.is_some_and(|s| {
+                    s["followers"][0]["state"] == "stopped"
+                        && s["followers"][0]["last_error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains(needle))
+                })
+            },
+        )
+        .await;
+    }
+
     pub async fn role(&self) -> Option<String> {
         self.status()
             .await
