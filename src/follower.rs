@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use futures::TryStreamExt;
 
-use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::{Client, ClientSession};
 
 use crate::change::{Op, Plan};
@@ -264,10 +264,17 @@ impl Follower {
             .write_concern(durable())
             .await
             .map_err(apply_err)?;
-        if let Err(e) = self
-            .txn_body(session, collection, ops, checkpoint, term, careful)
-            .await
-        {
+        // Fence first, then the data, then the checkpoint: all or nothing.
+        let body = async {
+            self.raise_fence(Some(&mut *session), term).await?;
+            let plan = Plan::build(ops, &self.key_field, careful);
+            self.run_plan(Some(&mut *session), collection, &plan)
+                .await?;
+            self.store_checkpoint(Some(&mut *session), collection, checkpoint, term)
+                .await
+                .map_err(TxnErr::Apply)
+        };
+        if let Err(e) = body.await {
             let _ = session.abort_transaction().await;
             return Err(e);
         }
@@ -290,24 +297,6 @@ impl Follower {
                 }
             }
         }
-    }
-
-    async fn txn_body(
-        &self,
-        session: &mut ClientSession,
-        collection: &str,
-        ops: &[Op],
-        checkpoint: &Checkpoint,
-        term: i64,
-        careful: bool,
-    ) -> Result<(), TxnErr> {
-        self.raise_fence(Some(session), term).await?;
-        let plan = Plan::build(ops, &self.key_field, careful);
-        self.run_plan(Some(session), collection, &plan).await?;
-        self.store_checkpoint(Some(session), collection, checkpoint, term)
-            .await
-            .map_err(TxnErr::Apply)?;
-        Ok(())
     }
 
     async fn apply_plain(
@@ -627,9 +616,4 @@ pub fn bson_i64(b: &Bson) -> Option<i64> {
         Bson::Double(v) => Some(*v as i64),
         _ => None,
     }
-}
-
-/// Cluster time of a change, as the pipeline reports it.
-pub fn ts_ms(ts: Timestamp) -> i64 {
-    ts.time as i64 * 1000
 }

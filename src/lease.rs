@@ -199,8 +199,4 @@ impl Lease {
             term,
         ))
     }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
 }

@@ -103,16 +103,22 @@ impl Pair {
     /// Runs until `stop` is cancelled, the lease is lost, or a fatal error.
     pub async fn run(self, stop: CancellationToken) -> Exit {
         let mut backoff = BACKOFF_START;
+        // An error from handling the previous error (a resync that could not start),
+        // handled like any other.
+        let mut pending: Option<PairError> = None;
         loop {
             if stop.is_cancelled() {
                 self.stats.set_state(PairState::Stopped, None);
                 return Exit::Shutdown;
             }
-            let err = match self.run_once(&stop, &mut backoff).await {
-                Ok(()) => PairError::Stopped,
-                Err(e) => e,
+            let err = match pending.take() {
+                Some(e) => e,
+                None => match self.run_once(&stop, &mut backoff).await {
+                    Ok(()) => PairError::Stopped,
+                    Err(e) => e,
+                },
             };
-            match err {
+            let resync = match err {
                 PairError::Stopped => {
                     self.stats.set_state(PairState::Stopped, None);
                     return Exit::Shutdown;
@@ -127,17 +133,7 @@ impl Pair {
                     self.stats.set_state(PairState::Stopped, Some(msg.clone()));
                     return Exit::Failed(msg);
                 }
-                PairError::Resync => {
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, "resync requested: copying this follower again");
-                    if let Err(e) = self.forget_checkpoints().await {
-                        self.stats
-                            .set_state(PairState::Down, Some(format!("resync: {e:?}")));
-                        self.stats.request_resync();
-                        if !sleep_or_stop(&stop, backoff).await {
-                            continue;
-                        }
-                    }
-                }
+                PairError::Resync => "resync requested",
                 PairError::HistoryLost(msg) => {
                     let policy = self.config.replication.on_history_lost;
                     tracing::error!(
@@ -145,34 +141,28 @@ impl Pair {
                         "history lost: the checkpoint's resume point is no longer in the source's oplog, so changes since then cannot be streamed"
                     );
                     self.stats.skipped("history_lost");
-                    match policy {
-                        OnHistoryLost::Fail => {
-                            let reason = format!("history lost: resume point no longer in the source's oplog ({msg}); on_history_lost = \"fail\": run `mongo-replicator resync --follower {}`", self.name());
-                            self.stats
-                                .set_state(PairState::Stopped, Some(reason.clone()));
-                            return Exit::Failed(reason);
-                        }
-                        OnHistoryLost::Resync => {
-                            tracing::warn!(follower = %self.name(), collection = %self.collection, "on_history_lost = \"resync\": copying this follower again");
-                            if let Err(e) = self.forget_checkpoints().await {
-                                self.stats
-                                    .set_state(PairState::Down, Some(format!("{e:?}")));
-                                if !sleep_or_stop(&stop, backoff).await {
-                                    continue;
-                                }
-                                backoff = (backoff * 2).min(BACKOFF_MAX);
-                            }
-                        }
+                    if policy == OnHistoryLost::Fail {
+                        let reason = format!("history lost: resume point no longer in the source's oplog ({msg}); on_history_lost = \"fail\": run `mongo-replicator resync --follower {}`", self.name());
+                        self.stats
+                            .set_state(PairState::Stopped, Some(reason.clone()));
+                        return Exit::Failed(reason);
                     }
+                    "on_history_lost = \"resync\""
                 }
                 PairError::Transient(msg) => {
                     tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, retry_in = ?backoff, "pipeline interrupted; will resume from the checkpoint");
                     self.stats.set_state(PairState::Down, Some(msg));
-                    if !sleep_or_stop(&stop, backoff).await {
-                        continue;
+                    if sleep_or_stop(&stop, backoff).await {
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
                 }
+            };
+            // Forget this pair's checkpoints; the next round copies the follower again.
+            tracing::warn!(follower = %self.name(), collection = %self.collection, reason = resync, "copying this follower again");
+            if let Err(e) = self.forget_checkpoints().await {
+                self.stats.request_resync();
+                pending = Some(e);
             }
         }
     }
@@ -291,22 +281,14 @@ impl Pair {
                 let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
                 if let Err(e) = self.push_upsert(doc, &mut ops) {
                     // Copy what came before the bad document, then stop at it.
-                    if !ops.is_empty() {
-                        let mut cp = base.clone();
-                        cp.copy_after = Some(after.clone());
-                        let n = ops.len() as u64;
-                        self.commit(std::mem::take(&mut ops), cp, n, false).await?;
-                    }
+                    self.commit_copied(&base, &after, &mut ops).await?;
                     return Err(e);
                 }
                 after = id;
                 done += 1;
             }
-            if ops.len() >= max || (finished && !ops.is_empty()) {
-                let mut cp = base.clone();
-                cp.copy_after = Some(after.clone());
-                let n = ops.len() as u64;
-                self.commit(std::mem::take(&mut ops), cp, n, false).await?;
+            if ops.len() >= max || finished {
+                self.commit_copied(&base, &after, &mut ops).await?;
                 if stop.is_cancelled() {
                     tracing::info!(follower = %self.name(), collection = %self.collection, done, "initial sync interrupted by shutdown; it resumes where it stopped");
                     return Err(PairError::Stopped);
@@ -331,6 +313,23 @@ impl Pair {
         self.commit(Vec::new(), cp.clone(), 0, false).await?;
         tracing::info!(follower = %self.name(), collection = %self.collection, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
         Ok(cp)
+    }
+
+    /// Applies the copied documents in `ops` (if any), recording that the copy has reached
+    /// the source `_id` `after`.
+    async fn commit_copied(
+        &self,
+        base: &Checkpoint,
+        after: &Bson,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), PairError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut cp = base.clone();
+        cp.copy_after = Some(after.clone());
+        let n = ops.len() as u64;
+        self.commit(std::mem::take(ops), cp, n, false).await
     }
 
     /// Deletes follower documents whose `_id` the source does not have.

@@ -267,18 +267,23 @@ async fn watch_headroom(node: Arc<Node>, stop: CancellationToken) {
         .database("local")
         .collection::<mongodb::bson::Document>("oplog.rs");
     loop {
-        let oldest = oplog
-            .find_one(mongodb::bson::doc! {})
-            .sort(mongodb::bson::doc! {"$natural": 1})
-            .projection(mongodb::bson::doc! {"ts": 1})
-            .await
-            .ok()
-            .flatten()
-            .and_then(|d| d.get_timestamp("ts").ok());
+        // Only the leader's checkpoints move; a standby reads nothing.
+        let oldest = if node.status.is_leader() {
+            oplog
+                .find_one(mongodb::bson::doc! {})
+                .sort(mongodb::bson::doc! {"$natural": 1})
+                .projection(mongodb::bson::doc! {"ts": 1})
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.get_timestamp("ts").ok())
+        } else {
+            None
+        };
         let now_s = crate::checkpoint::now_ms() / 1000;
         for p in node.status.pairs() {
-            let headroom = match (oldest, p.checkpoint_cluster_ms(), node.status.is_leader()) {
-                (Some(o), Some(cp), true) => Some(cp - o.time as i64 * 1000),
+            let headroom = match (oldest, p.checkpoint_cluster_ms()) {
+                (Some(o), Some(cp)) => Some(cp - o.time as i64 * 1000),
                 _ => None,
             };
             p.set_headroom_ms(headroom);

@@ -43,11 +43,10 @@ pub struct PairStats {
     pub follower: String,
     state: Mutex<(PairState, Option<String>)>,
     applied: AtomicU64,
-    /// Cluster time (ms) of the last acknowledged change; 0 when unknown.
-    applied_ct_ms: AtomicI64,
     /// Wall time (ms) when the checkpoint last moved; 0 when never.
     checkpoint_ms: AtomicI64,
-    /// Cluster time (ms) of the checkpoint.
+    /// Cluster time (ms) of the checkpoint, i.e. of the last acknowledged change; 0 when
+    /// unknown.
     checkpoint_ct_ms: AtomicI64,
     /// True when the stream had nothing more to read at the last checkpoint.
     caught_up: AtomicBool,
@@ -129,7 +128,6 @@ impl PairStats {
         self.checkpoint_ms.store(now_ms(), Ordering::Relaxed);
         if let Some(ct) = ct_ms {
             self.checkpoint_ct_ms.store(ct, Ordering::Relaxed);
-            self.applied_ct_ms.store(ct, Ordering::Relaxed);
         }
         self.caught_up.store(caught_up, Ordering::Relaxed);
     }
@@ -187,7 +185,7 @@ impl PairStats {
         if self.caught_up.load(Ordering::Relaxed) {
             return Some(0);
         }
-        match self.applied_ct_ms.load(Ordering::Relaxed) {
+        match self.checkpoint_ct_ms.load(Ordering::Relaxed) {
             0 => None,
             ct => Some((now_ms() - ct).max(0)),
         }
@@ -447,7 +445,6 @@ impl NodeStatus {
             follower: follower.to_string(),
             state: Mutex::new((PairState::Stopped, None)),
             applied: AtomicU64::new(0),
-            applied_ct_ms: AtomicI64::new(0),
             checkpoint_ms: AtomicI64::new(0),
             checkpoint_ct_ms: AtomicI64::new(0),
             caught_up: AtomicBool::new(false),

@@ -371,3 +371,47 @@ async fn a_document_without_the_key_stops_the_initial_copy_under_fail() {
         "nothing past it"
     );
 }
+
+#[tokio::test]
+async fn passwords_stay_out_of_logs_status_and_errors_at_run_time() {
+    // A source that cannot be reached: the fatal start-up error names it without the password.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let text = GOOD.replace(
+        "mongodb://127.0.0.1:1/?directConnection=true",
+        "mongodb://admin:s3cr3tSource@127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=500",
+    );
+    std::fs::write(&path, text).unwrap();
+    let o = run_cmd(&["run", "--config", path.to_str().unwrap()]);
+    assert_clear(&o, 1, "cannot reach the source");
+    assert!(!o.stderr.contains("s3cr3tSource"), "{}", o.stderr);
+
+    // A follower that is down while the service runs: its errors are logged and shown in
+    // /status, never its password.
+    let src = Server::start().await;
+    let mut cfg = ConfigBuilder::new(&src, &[]);
+    cfg.followers.push((
+        "f1".into(),
+        format!("mongodb://rep:s3cr3tFollower@127.0.0.1:{CLOSED_PORT}/?directConnection=true"),
+    ));
+    let r = Replicator::start(&cfg, "n1");
+    wait_for("follower reported down", CONVERGE, || async {
+        r.status()
+            .await
+            .is_some_and(|s| s["followers"][0]["state"] == "down")
+    })
+    .await;
+    let status = r.status().await.unwrap().to_string();
+    let metrics = reqwest::get(r.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (what, text) in [("log", r.log()), ("status", status), ("metrics", metrics)] {
+        assert!(
+            !text.contains("s3cr3tFollower"),
+            "password in the {what}: {text}"
+        );
+    }
+}

@@ -271,10 +271,6 @@ impl Server {
         // The port may linger briefly; retry the spawn a few times.
         self.spawn(port).await;
     }
-
-    pub fn log_tail(&self) -> String {
-        tail(&self.log, 30)
-    }
 }
 
 impl Drop for Server {
@@ -470,10 +466,6 @@ impl Replicator {
             .expect("start replicator");
         self.child = Some(child);
         self.starts += 1;
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
     pub fn signal(&self, sig: i32) {
