@@ -45,16 +45,59 @@ impl Op {
 pub enum Skip {
     /// The document has no key field and `missing_key = "skip"`.
     MissingKey { id: Bson },
+    /// The document's key cannot identify one follower document (see [`unusable_key`]) and
+    /// `missing_key = "skip"`.
+    UnusableKey { id: Bson, reason: &'static str },
     /// An update whose document was deleted before it could be looked up.
     Gone { id: Bson },
 }
 
-/// A document without the key field under `missing_key = "fail"`.
+/// A document without a usable key under `missing_key = "fail"`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("document with _id {id} has no `{key_field}` field (missing_key = \"fail\")")]
+#[error("document with _id {id} has {problem} (missing_key = \"fail\")")]
 pub struct MissingKeyError {
     pub id: String,
     pub key_field: String,
+    /// "no `dataId` field", or why its value cannot serve as a key.
+    pub problem: String,
+}
+
+/// Why a key value cannot identify exactly one follower document, if it cannot.
+///
+/// Every filter the replicator builds matches key values with `$eq`, so an operator-shaped
+/// value is data, never a query. Some values still match more than the document they came
+/// from, or mean something else in `$in` and range filters, and are refused:
+/// - a regular expression (`$in` treats it as a pattern);
+/// - an array (equality on an array field also matches documents holding it as an element);
+/// - a document with a `$`-prefixed field name at any depth (operator-shaped);
+/// - `undefined` (deprecated, and not comparable by equality on every server).
+pub fn unusable_key(key: &Bson) -> Option<&'static str> {
+    fn has_dollar_field(d: &Document) -> bool {
+        d.iter().any(|(k, v)| {
+            k.starts_with('$')
+                || match v {
+                    Bson::Document(inner) => has_dollar_field(inner),
+                    Bson::Array(items) => items
+                        .iter()
+                        .any(|i| matches!(i, Bson::Document(inner) if has_dollar_field(inner))),
+                    _ => false,
+                }
+        })
+    }
+    match key {
+        Bson::RegularExpression(_) => Some("a regular expression"),
+        Bson::Array(_) => Some("an array"),
+        Bson::Undefined => Some("undefined"),
+        Bson::Document(d) if has_dollar_field(d) => {
+            Some("a document with `$`-prefixed field names")
+        }
+        _ => None,
+    }
+}
+
+/// A filter that matches `field` equal to `value`, by value only: `{field: {$eq: value}}`.
+pub fn eq(field: &str, value: &Bson) -> Document {
+    doc! {field: {"$eq": value.clone()}}
 }
 
 /// The operation for a document that exists on the source (from a change event's full
@@ -65,23 +108,36 @@ pub fn upsert_for(
     policy: MissingKey,
 ) -> Result<Result<Op, Skip>, MissingKeyError> {
     let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
-    match lookup_path(&doc, key_field) {
-        Some(key) if key != &Bson::Null => {
-            let key = key.clone();
-            Ok(Ok(Op::Upsert {
-                id,
-                key: Some(key),
-                doc,
-            }))
-        }
-        _ => match policy {
-            MissingKey::Skip => Ok(Err(Skip::MissingKey { id })),
-            MissingKey::UseId => Ok(Ok(Op::Upsert { id, key: None, doc })),
-            MissingKey::Fail => Err(MissingKeyError {
-                id: id.to_string(),
-                key_field: key_field.to_string(),
-            }),
+    let unusable = match lookup_path(&doc, key_field) {
+        Some(key) if key != &Bson::Null => match unusable_key(key) {
+            None => {
+                let key = key.clone();
+                return Ok(Ok(Op::Upsert {
+                    id,
+                    key: Some(key),
+                    doc,
+                }));
+            }
+            Some(reason) => Some(reason),
         },
+        _ => None,
+    };
+    match policy {
+        MissingKey::Skip => Ok(Err(match unusable {
+            None => Skip::MissingKey { id },
+            Some(reason) => Skip::UnusableKey { id, reason },
+        })),
+        MissingKey::UseId => Ok(Ok(Op::Upsert { id, key: None, doc })),
+        MissingKey::Fail => Err(MissingKeyError {
+            id: id.to_string(),
+            key_field: key_field.to_string(),
+            problem: match unusable {
+                None => format!("no `{key_field}` field"),
+                Some(reason) => {
+                    format!("a `{key_field}` that cannot serve as a key ({reason})")
+                }
+            },
+        }),
     }
 }
 
@@ -166,20 +222,19 @@ impl Plan {
         let mut plan = Plan::default();
         for op in ops {
             match op {
-                Op::Delete { id } => plan
-                    .deletes
-                    .push(doc! {"q": {"_id": id.clone()}, "limit": 1}),
+                Op::Delete { id } => plan.deletes.push(doc! {"q": eq("_id", id), "limit": 1}),
                 Op::Upsert { id, key, doc } => {
+                    // Values are matched with `$eq`: a key is data, never a query.
                     let q = match key {
-                        Some(k) => doc! {key_field: k.clone()},
-                        None => doc! {"_id": id.clone()},
+                        Some(k) => eq(key_field, k),
+                        None => eq("_id", id),
                     };
                     if careful {
                         if let Some(k) = key {
                             plan.deletes.push(doc! {
                                 "q": {"$or": [
-                                    {"_id": id.clone(), key_field: {"$ne": k.clone()}},
-                                    {key_field: k.clone(), "_id": {"$ne": id.clone()}},
+                                    {"_id": {"$eq": id.clone()}, key_field: {"$ne": k.clone()}},
+                                    {key_field: {"$eq": k.clone()}, "_id": {"$ne": id.clone()}},
                                 ]},
                                 "limit": 0,
                             });
@@ -229,7 +284,10 @@ mod tests {
             up(2, "a", 2),
         ]);
         let plan = Plan::build(&ops.ops, "dataId", false);
-        assert_eq!(plan.deletes, vec![doc! {"q": {"_id": 1}, "limit": 1}]);
+        assert_eq!(
+            plan.deletes,
+            vec![doc! {"q": {"_id": {"$eq": 1}}, "limit": 1}]
+        );
         assert_eq!(plan.upserts.len(), 1);
         assert_eq!(
             plan.upserts[0]
@@ -259,7 +317,10 @@ mod tests {
             .unwrap()
             .unwrap();
         let plan = Plan::build(&[op], "dataId", true);
-        assert_eq!(plan.upserts[0].get_document("q").unwrap(), &doc! {"_id": 7});
+        assert_eq!(
+            plan.upserts[0].get_document("q").unwrap(),
+            &doc! {"_id": {"$eq": 7}}
+        );
         assert!(plan.deletes.is_empty());
         let e = upsert_for(d, "dataId", MissingKey::Fail).unwrap_err();
         assert!(e.to_string().contains("no `dataId` field"));
@@ -276,6 +337,65 @@ mod tests {
         let d = doc! {"_id": 1, "meta": {"id": "k"}};
         let op = upsert_for(d, "meta.id", MissingKey::Fail).unwrap().unwrap();
         assert!(matches!(op, Op::Upsert { key: Some(Bson::String(ref k)), .. } if k == "k"));
+    }
+
+    #[test]
+    fn operator_shaped_keys_are_unusable_and_follow_the_policy() {
+        let bad = [
+            Bson::Document(doc! {"$exists": true}),
+            Bson::Document(doc! {"a": {"$gt": 1}}),
+            Bson::RegularExpression(mongodb::bson::Regex {
+                pattern: ".*".into(),
+                options: String::new(),
+            }),
+            Bson::Array(vec![Bson::Int32(1), Bson::Int32(2)]),
+            Bson::Undefined,
+        ];
+        for key in bad {
+            let d = doc! {"_id": 3, "dataId": key.clone()};
+            assert!(
+                matches!(
+                    upsert_for(d.clone(), "dataId", MissingKey::Skip).unwrap(),
+                    Err(Skip::UnusableKey { .. })
+                ),
+                "{key} must be unusable"
+            );
+            let e = upsert_for(d.clone(), "dataId", MissingKey::Fail).unwrap_err();
+            assert!(e.to_string().contains("cannot serve as a key"), "{e}");
+            // use_id matches on _id, by value.
+            let op = upsert_for(d, "dataId", MissingKey::UseId).unwrap().unwrap();
+            let plan = Plan::build(&[op], "dataId", true);
+            assert_eq!(
+                plan.upserts[0].get_document("q").unwrap(),
+                &doc! {"_id": {"$eq": 3}}
+            );
+        }
+        // Plain values, including documents without `$` fields, are keys.
+        for key in [
+            Bson::Document(doc! {"a": 1, "b": {"c": "x"}}),
+            Bson::Int64(5),
+            Bson::String("$notAnOperatorAsAValue".into()),
+        ] {
+            let d = doc! {"_id": 3, "dataId": key.clone()};
+            let op = upsert_for(d, "dataId", MissingKey::Fail).unwrap().unwrap();
+            let plan = Plan::build(&[op], "dataId", false);
+            assert_eq!(
+                plan.upserts[0].get_document("q").unwrap(),
+                &doc! {"dataId": {"$eq": key}}
+            );
+        }
+    }
+
+    #[test]
+    fn careful_plan_matches_by_value() {
+        let op = Op::Upsert {
+            id: Bson::Document(doc! {"x": 1}),
+            key: Some(Bson::Document(doc! {"k": 1})),
+            doc: doc! {"_id": {"x": 1}, "dataId": {"k": 1}},
+        };
+        let plan = Plan::build(&[op], "dataId", true);
+        let q = plan.deletes[0].get_document("q").unwrap().to_string();
+        assert!(q.contains("\"$eq\""), "{q}");
     }
 
     #[test]

@@ -106,7 +106,9 @@ pub struct PairReport {
     /// reported as differences (see `Checker::recheck`).
     pub unsettled: u64,
     pub samples_unsettled: Vec<String>,
-    /// Documents without the key field, which the keyed comparison leaves out.
+    /// Documents without the key field, or with a key that cannot identify one document
+    /// (a regex, an array, an operator-shaped document), which the keyed comparison leaves
+    /// out.
     pub source_without_key: u64,
     pub follower_without_key: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -283,14 +285,21 @@ struct Side {
     peeked: Option<Item>,
     key: String,
     done: bool,
+    /// Documents passed over because their key cannot identify one document (see
+    /// [`crate::change::unusable_key`]); the replicator treats those as keyless.
+    unusable: u64,
 }
 
 impl Side {
     async fn peek(&mut self) -> Result<Option<&Item>, mongodb::error::Error> {
-        if self.peeked.is_none() && !self.done {
+        while self.peeked.is_none() && !self.done {
             match self.cursor.try_next().await? {
                 Some(raw) => {
                     let key = raw_key(&raw, &self.key).unwrap_or(Bson::Null);
+                    if crate::change::unusable_key(&key).is_some() {
+                        self.unusable += 1;
+                        continue;
+                    }
                     self.peeked = Some(Item { key, raw });
                 }
                 None => self.done = true,
@@ -350,6 +359,7 @@ impl Checker {
             peeked: None,
             key: self.key.clone(),
             done: false,
+            unusable: 0,
         })
     }
 
@@ -446,6 +456,8 @@ impl Checker {
             lo = hi;
         }
         progress.done(report.checked);
+        report.source_without_key += src.unusable;
+        report.follower_without_key += fol.unusable;
 
         // Pass 2: descend into the differing ranges.
         tracing::debug!(pair = %self.label, ranges = report.ranges, differing = differing.len(), "comparing differing ranges");
@@ -676,7 +688,7 @@ impl Checker {
     ) -> Result<HashMap<Vec<u8>, Vec<RawDocumentBuf>>, CheckError> {
         let mut out: HashMap<Vec<u8>, Vec<RawDocumentBuf>> = HashMap::new();
         for chunk in keys.chunks(1000) {
-            let filter = doc! {&self.key: {"$in": chunk.to_vec()}};
+            let filter = crate::order::in_filter(&self.key, chunk);
             for d in self
                 .fetch_in(coll, filter, session.as_deref_mut(), what)
                 .await?
@@ -695,7 +707,7 @@ impl Checker {
             .client()
             .database(&self.state_db)
             .collection::<Document>("checkpoints")
-            .find_one(doc! {"_id": id})
+            .find_one(doc! {"_id": {"$eq": id}})
             .await
             .ok()??
             .get_timestamp("cluster_time")
@@ -748,7 +760,8 @@ impl Checker {
     async fn repair(&self, keys: &[Bson]) -> Result<RepairReport, CheckError> {
         let mut r = RepairReport::default();
         for key in keys {
-            let filter = doc! {&self.key: key.clone()};
+            // Matched by value: a key is data, never a query.
+            let filter = crate::change::eq(&self.key, key);
             let docs: Vec<Document> = self
                 .src
                 .find(filter.clone())
@@ -770,12 +783,12 @@ impl Checker {
                 // A follower document with this _id but another key would block the write.
                 let del = self
                     .fol
-                    .delete_many(doc! {"_id": id.clone(), &self.key: {"$ne": key.clone()}})
+                    .delete_many(doc! {"_id": {"$eq": id.clone()}, &self.key: {"$ne": key.clone()}})
                     .await
                     .map_err(|e| cannot_run("follower", e))?;
                 r.deleted += del.deleted_count;
                 self.fol
-                    .replace_one(doc! {"_id": id}, d)
+                    .replace_one(doc! {"_id": {"$eq": id}}, d)
                     .upsert(true)
                     .await
                     .map_err(|e| cannot_run("follower", e))?;
@@ -883,7 +896,7 @@ pub fn render(report: &Report, repair: bool) -> String {
         }
         if p.source_without_key > 0 || p.follower_without_key > 0 {
             out.push_str(&format!(
-                "  not compared (no key field): source {}, follower {}\n",
+                "  not compared (no key field, or a key that cannot identify one document): source {}, follower {}\n",
                 p.source_without_key, p.follower_without_key
             ));
         }

@@ -1,6 +1,13 @@
 //! Checkpoints: the change-stream resume position of each (collection, follower) pair, and
 //! the token file that keeps them on local disk.
 //!
+//! The follower's own checkpoint, committed with its data, is the authority on what that
+//! follower holds. The token file is a cache of it for resuming after a crash: each entry
+//! names the revision (`write_id`) of the follower checkpoint it extends (with the idle
+//! post-batch tokens seen since), and is used only while the follower still holds exactly
+//! that revision. A follower wiped, restored from a snapshot, or rolled back by a crash holds
+//! another revision (or none), and then its own checkpoint wins.
+//!
 //! Invariants:
 //! - a checkpoint only ever names a change its follower has acknowledged (the pipeline calls
 //!   [`CheckpointStore::advance`] after the follower's write returns);
@@ -36,6 +43,9 @@ pub struct Checkpoint {
     pub copy_after: Option<Bson>,
     /// Wall-clock milliseconds when this checkpoint was taken.
     pub taken_at_ms: i64,
+    /// The revision of the follower checkpoint this position extends (hex ObjectId): the one
+    /// written with it, or, for an idle position, the last one written before it.
+    pub write_id: Option<String>,
 }
 
 impl Checkpoint {
@@ -46,6 +56,7 @@ impl Checkpoint {
             cluster_time,
             copy_after: None,
             taken_at_ms: now_ms(),
+            write_id: None,
         }
     }
 
@@ -127,6 +138,8 @@ struct FileEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     copy_after: Option<serde_json::Value>,
     taken_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    write_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -214,6 +227,7 @@ impl CheckpointStore {
                                 }),
                                 copy_after,
                                 taken_at_ms: e.taken_at_ms,
+                                write_id: e.write_id,
                             },
                         );
                     }
@@ -260,6 +274,17 @@ impl CheckpointStore {
         inner.map.insert(key, cp);
         inner.dirty = true;
         true
+    }
+
+    /// Sets a pair's checkpoint to the one its follower holds, even when that is older: the
+    /// follower is the authority, and the file only caches it.
+    pub fn replace(&self, collection: &str, follower: &str, cp: Checkpoint) {
+        let mut inner = self.lock();
+        let key = (collection.to_string(), follower.to_string());
+        if inner.map.get(&key) != Some(&cp) {
+            inner.map.insert(key, cp);
+            inner.dirty = true;
+        }
     }
 
     /// Forgets a pair's checkpoint (for a resync, which copies the follower again).
@@ -313,6 +338,7 @@ impl CheckpointStore {
                     }),
                     copy_after: cp.copy_after.clone().map(|b| b.into_canonical_extjson()),
                     taken_at_ms: cp.taken_at_ms,
+                    write_id: cp.write_id.clone(),
                 },
             );
         }
@@ -395,6 +421,7 @@ mod tests {
         let store = CheckpointStore::open(&path, "app").unwrap();
         let mut c = cp(100);
         c.copy_after = Some(Bson::ObjectId(mongodb::bson::oid::ObjectId::new()));
+        c.write_id = Some(mongodb::bson::oid::ObjectId::new().to_hex());
         assert!(store.advance("data", "f1", c.clone()));
         store.flush().await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -412,6 +439,9 @@ mod tests {
         assert!(!store.advance("c", "f", cp(100)));
         assert_eq!(store.get("c", "f").unwrap().cluster_time.unwrap().time, 200);
         assert!(store.advance("c", "f", cp(300)));
+        // The follower's own (older) checkpoint replaces the cached one.
+        store.replace("c", "f", cp(150));
+        assert_eq!(store.get("c", "f").unwrap().cluster_time.unwrap().time, 150);
         store.reset("c", "f");
         assert!(store.get("c", "f").is_none());
     }

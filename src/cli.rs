@@ -6,7 +6,6 @@ use std::time::Duration;
 use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
 use crate::follower::Follower;
-use crate::lease::Lease;
 use crate::status::StatusReport;
 
 /// The base URL of this config's node (a wildcard listen address is reached on loopback).
@@ -119,14 +118,10 @@ pub async fn resync(config: &Config, follower: &str) -> ExitCode {
             return ExitCode::from(3);
         }
     }
-    // No node here: reset offline, unless some node holds the lease.
+    // No node answers here: mark the follower for a copy on the follower itself. The mark
+    // is the follower's checkpoint, so whichever node leads (now or later, on any host)
+    // copies it: a running leader fails its next checkpoint swap, reloads, and sees it.
     let run = async {
-        let source = crate::source::client(&config.source.uri, "source").await?;
-        let lease = Lease::new(source, config);
-        let (view, term) = lease.view().await?;
-        if let Some(holder) = view.holder {
-            anyhow::bail!("node `{holder}` holds the lease; run resync where it runs (its [http] listen address)");
-        }
         let f = Follower::new(
             fcfg,
             &config.source.database,
@@ -135,9 +130,11 @@ pub async fn resync(config: &Config, follower: &str) -> ExitCode {
             config.node_id(),
         )
         .await?;
+        for c in &config.source.collections {
+            f.mark_resync(c).await?;
+        }
         let store = CheckpointStore::open(&config.checkpoint.token_file, &config.source.database)?;
         for c in &config.source.collections {
-            f.clear_checkpoint(c, term).await?;
             store.reset(c, follower);
         }
         store.flush().await?;
@@ -145,7 +142,7 @@ pub async fn resync(config: &Config, follower: &str) -> ExitCode {
     };
     match run.await {
         Ok(()) => {
-            println!("no node was running: cleared the checkpoints of follower `{follower}`; the next `mongo-replicator run` copies it again, then streams");
+            println!("no node answered here: marked follower `{follower}` for a copy; the leader (now, or the next `mongo-replicator run`) copies it again, then streams");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -56,6 +56,11 @@ pub struct SourceConfig {
 pub struct FollowerConfig {
     pub name: String,
     pub uri: String,
+    /// Accept a follower that cannot run transactions (a standalone server). Its data, fence
+    /// and checkpoint are then separate writes, so a paused stale leader can overwrite newer
+    /// data there; without this the pair refuses to write to such a follower.
+    #[serde(default)]
+    pub allow_unfenced_writes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -1,45 +1,64 @@
-//! One follower deployment: applying batches, its stored checkpoints, and the fence.
+//! One follower deployment: applying batches, its stored checkpoints, and the fences.
 //!
 //! Each batch goes to the follower as one `delete` command and one `update` command (many
-//! statements each), and, when the follower is a replica set, inside one transaction that
-//! also
-//! - raises the follower's **fence** to the writer's lease term, failing if the follower has
-//!   already seen a higher term (a newer leader exists): the transaction aborts and nothing of
-//!   the batch is applied, so a stale leader writes nothing;
-//! - stores the batch's checkpoint in `state_database`, so the follower's data and its resume
-//!   position move together (an exactly-once effect per follower), and a new leader on another
-//!   host resumes without gaps.
+//! statements each), inside one transaction that also
+//! - raises the pipeline's **fence** to the writer's lease term, failing if the follower has
+//!   already seen a higher term for that pipeline (a newer leader exists): the transaction
+//!   aborts and nothing of the batch is applied, so a stale leader writes nothing. Each
+//!   (database, collection) pipeline has its own fence document, so busy collections never
+//!   conflict with each other; a new leader raises each pipeline's fence before it reads
+//!   that pipeline's checkpoint;
+//! - replaces the pipeline's **checkpoint** in `state_database`, compared-and-swapped on its
+//!   revision (`write_id`): the write succeeds only if the follower still holds the revision
+//!   this writer last read or wrote. The follower's checkpoint is therefore the authority on
+//!   what it holds: a follower wiped, restored from a snapshot or rolled back by a crash fails
+//!   the swap, and the pipeline resumes from the follower's own checkpoint.
 //!
-//! A follower that cannot run transactions (a standalone server) gets the same writes in
-//! sequence: fence, data, checkpoint. That is logged once; replays are harmless because every
-//! statement is idempotent.
+//! Every write to a follower, the copy's removal of extra documents and a resync's reset of
+//! the checkpoint included, goes through [`Follower::apply`]. A follower that cannot run
+//! transactions (a standalone server) is refused unless `allow_unfenced_writes` accepts that
+//! its fence, data and checkpoint become three separate writes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use futures::TryStreamExt;
 
+use mongodb::bson::oid::ObjectId;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::{Client, ClientSession};
 
-use crate::change::{Op, Plan};
-use crate::checkpoint::Checkpoint;
+use crate::change::{eq, Op, Plan};
+use crate::checkpoint::{now_ms, Checkpoint};
 use crate::config::FollowerConfig;
 
-const FENCE_COLLECTION: &str = "fence";
-const CHECKPOINT_COLLECTION: &str = "checkpoints";
+pub const FENCE_COLLECTION: &str = "fence";
+pub const CHECKPOINT_COLLECTION: &str = "checkpoints";
 const WRITER_SESSIONS_COLLECTION: &str = "writer_sessions";
 /// Statements are split into commands of at most this many bytes, below the 16 MiB limit.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+/// How often a transaction that failed with a TransientTransactionError (a write conflict,
+/// a primary change) is retried in place before the error reaches the pipeline.
+const TRANSIENT_TXN_RETRIES: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// The follower has seen a higher lease term: this node is no longer the leader.
     #[error("fenced: follower has seen lease term {their_term}, ours is {our_term}")]
     Fenced { our_term: i64, their_term: i64 },
+    /// The follower's checkpoint is not the revision this writer expected: it was wiped,
+    /// restored, rolled back, reset for a resync, or moved by another writer.
+    #[error("the follower's checkpoint for `{0}` is not the one this writer last saw (wiped, restored from a snapshot, rolled back by a crash, reset for a resync, or moved by another writer); resuming from the follower's own checkpoint")]
+    Moved(String),
+    /// The follower cannot run transactions and unfenced writes were not accepted.
+    #[error("follower `{0}` cannot run transactions (it is not a replica set), so its writes could not be fenced or committed with their checkpoint; make it a replica set (one node is enough), or set followers[].allow_unfenced_writes = true to accept that risk")]
+    Unfenced(String),
     /// A write the follower refused (not a connection problem).
     #[error("follower rejected a write: {0}")]
     Rejected(String),
+    /// A transaction failed with a TransientTransactionError; it is retried in place.
+    #[error("transient transaction error: {0}")]
+    TransientTxn(String),
     /// The follower could not be reached or the operation failed in transit.
     #[error("{0}")]
     Unavailable(String),
@@ -47,7 +66,16 @@ pub enum ApplyError {
 
 impl From<mongodb::error::Error> for ApplyError {
     fn from(e: mongodb::error::Error) -> Self {
-        ApplyError::Unavailable(crate::source::describe(&e))
+        // Retried in place: a transaction the server aborted (a write conflict, say). A
+        // network or server-selection failure carries the same label from the driver, but is
+        // an outage, handled with a backoff and shown as `down`.
+        if e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+            && matches!(*e.kind, mongodb::error::ErrorKind::Command(_))
+        {
+            ApplyError::TransientTxn(crate::source::describe(&e))
+        } else {
+            ApplyError::Unavailable(crate::source::describe(&e))
+        }
     }
 }
 
@@ -57,6 +85,54 @@ fn is_conflict(code: i32) -> bool {
     code == 11000 || code == 66
 }
 
+/// The revision of a pipeline's checkpoint on a follower.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rev {
+    /// No checkpoint document.
+    Absent,
+    /// A checkpoint document written before revisions existed.
+    Legacy,
+    Id(ObjectId),
+}
+
+impl Rev {
+    pub fn hex(&self) -> Option<String> {
+        match self {
+            Rev::Id(id) => Some(id.to_hex()),
+            _ => None,
+        }
+    }
+}
+
+/// What a follower holds for one pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// Nothing: this follower was never replicated (or its state was wiped).
+    Absent,
+    /// A resync was requested: the follower is copied again, whatever `initial_sync` says.
+    Resync { rev: Rev },
+    /// A resume position (possibly of a copy still in progress).
+    At { cp: Box<Checkpoint>, rev: Rev },
+}
+
+impl Stored {
+    pub fn rev(&self) -> Rev {
+        match self {
+            Stored::Absent => Rev::Absent,
+            Stored::Resync { rev } | Stored::At { rev, .. } => rev.clone(),
+        }
+    }
+}
+
+/// The checkpoint a write leaves on the follower.
+#[derive(Debug, Clone, Copy)]
+pub enum Next<'a> {
+    At(&'a Checkpoint),
+    /// Marks the pipeline for a copy (a requested resync, history lost, a dropped or renamed
+    /// source collection).
+    Resync,
+}
+
 pub struct Follower {
     pub name: String,
     client: Client,
@@ -64,8 +140,11 @@ pub struct Follower {
     state_db: String,
     key_field: String,
     node_id: String,
+    allow_unfenced: bool,
     /// 0 unknown, 1 transactions, 2 no transactions.
     txn_support: AtomicU8,
+    /// The state collections exist (see [`Follower::ensure_state_collections`]).
+    state_ready: std::sync::atomic::AtomicBool,
     /// Distinguishes this process from earlier ones (and other nodes) in `writer_sessions`.
     incarnation: String,
     /// One session per collection, reused for every batch; its id is registered on the
@@ -90,8 +169,10 @@ impl Follower {
             state_db: state_db.to_string(),
             key_field: key_field.to_string(),
             node_id: node_id.to_string(),
+            allow_unfenced: cfg.allow_unfenced_writes,
             txn_support: AtomicU8::new(0),
-            incarnation: mongodb::bson::oid::ObjectId::new().to_hex(),
+            state_ready: std::sync::atomic::AtomicBool::new(false),
+            incarnation: ObjectId::new().to_hex(),
             sessions: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -112,10 +193,10 @@ impl Follower {
             .run_command(doc! {"hello": 1})
             .await?;
         let yes = hello.get_str("setName").is_ok() || hello.get_str("msg") == Ok("isdbgrid");
-        if !yes {
+        if !yes && self.allow_unfenced {
             tracing::warn!(
                 follower = %self.name,
-                "follower is not a replica set and cannot run transactions; its checkpoint is written after each batch instead of with it, and fencing is checked before each batch"
+                "follower is not a replica set and cannot run transactions; allow_unfenced_writes = true: its fence, data and checkpoint are separate writes, so a paused stale leader can overwrite newer data on it"
             );
         }
         self.txn_support
@@ -145,28 +226,43 @@ impl Follower {
         }
     }
 
-    /// Applies one coalesced batch and records `checkpoint` for `collection`, fenced by `term`.
-    /// Idempotent: replaying a batch leaves the same state.
+    /// Applies one coalesced batch and leaves `next` as the pipeline's checkpoint, fenced by
+    /// `term`, provided the follower still holds checkpoint revision `expect`. Returns the
+    /// new revision. Idempotent: replaying a batch leaves the same state.
     pub async fn apply(
         &self,
         collection: &str,
         ops: &[Op],
-        checkpoint: &Checkpoint,
+        next: Next<'_>,
         term: i64,
-    ) -> Result<(), ApplyError> {
-        if self.supports_transactions().await? {
+        expect: &Rev,
+    ) -> Result<Rev, ApplyError> {
+        if !self.supports_transactions().await? {
+            if !self.allow_unfenced {
+                return Err(ApplyError::Unfenced(self.name.clone()));
+            }
+            return self.apply_plain(collection, ops, next, term, expect).await;
+        }
+        let mut careful = false;
+        let mut attempt = 0;
+        loop {
             match self
-                .apply_in_txn(collection, ops, checkpoint, term, false)
+                .apply_in_txn(collection, ops, next, term, expect, careful)
                 .await
             {
-                Err(TxnErr::Conflict(_)) => self
-                    .apply_in_txn(collection, ops, checkpoint, term, true)
-                    .await
-                    .map_err(TxnErr::into_apply),
-                other => other.map_err(TxnErr::into_apply),
+                Ok(rev) => return Ok(rev),
+                Err(TxnErr::Conflict(_)) if !careful => careful = true,
+                Err(TxnErr::Apply(ApplyError::TransientTxn(msg))) => {
+                    attempt += 1;
+                    if attempt >= TRANSIENT_TXN_RETRIES {
+                        return Err(ApplyError::Unavailable(format!(
+                            "transaction failed {attempt} times with a transient error: {msg}"
+                        )));
+                    }
+                    tracing::debug!(follower = %self.name, collection, attempt, error = %msg, "transient transaction error; retrying in place");
+                }
+                Err(e) => return Err(e.into_apply()),
             }
-        } else {
-            self.apply_plain(collection, ops, checkpoint, term).await
         }
     }
 
@@ -175,16 +271,21 @@ impl Follower {
         &self,
         collection: &str,
         ops: &[Op],
-        checkpoint: &Checkpoint,
+        next: Next<'_>,
         term: i64,
+        expect: &Rev,
         careful: bool,
-    ) -> Result<(), TxnErr> {
-        let mut session = self.session(collection).await?;
+    ) -> Result<Rev, TxnErr> {
+        let mut session = self.session(collection, term).await?;
         let res = self
-            .txn_in_session(&mut session, collection, ops, checkpoint, term, careful)
+            .txn_in_session(&mut session, collection, ops, next, term, expect, careful)
             .await;
-        if res.is_ok() {
-            // Only a session whose last transaction ended cleanly is reused.
+        let reusable = matches!(
+            res,
+            Ok(_) | Err(TxnErr::Apply(ApplyError::TransientTxn(_))) | Err(TxnErr::Conflict(_))
+        );
+        if reusable {
+            // Only a session whose last transaction ended (committed or aborted) is reused.
             self.sessions
                 .lock()
                 .await
@@ -194,7 +295,7 @@ impl Follower {
     }
 
     /// The collection's session, or a new one whose id is registered on the follower first.
-    async fn session(&self, collection: &str) -> Result<ClientSession, TxnErr> {
+    async fn session(&self, collection: &str, term: i64) -> Result<ClientSession, TxnErr> {
         if let Some(s) = self.sessions.lock().await.remove(collection) {
             return Ok(s);
         }
@@ -203,9 +304,23 @@ impl Follower {
             .database(&self.state_db)
             .collection::<Document>(WRITER_SESSIONS_COLLECTION)
             .update_one(
-                doc! {"_id": format!("{}/{}/{collection}", self.node_id, self.incarnation)},
+                eq(
+                    "_id",
+                    &Bson::String(format!(
+                        "{}/{}/{}",
+                        self.node_id,
+                        self.incarnation,
+                        self.pipeline_id(collection)
+                    )),
+                ),
                 doc! {
-                    "$set": {"lsid": session.id().clone(), "node": &self.node_id, "incarnation": &self.incarnation},
+                    "$set": {
+                        "lsid": session.id().clone(),
+                        "node": &self.node_id,
+                        "incarnation": &self.incarnation,
+                        "pipeline": self.pipeline_id(collection),
+                        "term": term,
+                    },
                     "$currentDate": {"at": true},
                 },
             )
@@ -215,18 +330,26 @@ impl Follower {
         Ok(session)
     }
 
-    /// Aborts transactions that earlier writers (a killed or stale process, on any node)
-    /// left open on this follower: they hold locks on the fence and would make every batch
-    /// of the new leader fail with a write conflict until the server expires them. Called
-    /// when this node starts leading; it leads with a higher term, so those writers are
-    /// stale by definition.
-    pub async fn abort_stale_writers(&self) -> Result<usize, ApplyError> {
+    /// Aborts transactions that earlier writers of this pipeline (a killed or stale process,
+    /// on any node, with a lower lease term) left open on this follower: they hold the
+    /// pipeline's fence and would make every batch of the new leader fail with a write
+    /// conflict until the server expires them. Other pipelines' and other deployments'
+    /// sessions are left alone.
+    pub async fn abort_stale_writers(
+        &self,
+        collection: &str,
+        term: i64,
+    ) -> Result<usize, ApplyError> {
         let coll = self
             .client
             .database(&self.state_db)
             .collection::<Document>(WRITER_SESSIONS_COLLECTION);
         let stale: Vec<Document> = coll
-            .find(doc! {"incarnation": {"$ne": &self.incarnation}})
+            .find(doc! {
+                "pipeline": {"$eq": self.pipeline_id(collection)},
+                "incarnation": {"$ne": &self.incarnation},
+                "term": {"$lt": term},
+            })
             .await?
             .try_collect()
             .await?;
@@ -250,15 +373,17 @@ impl Follower {
         Ok(lsids.len())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn txn_in_session(
         &self,
         session: &mut ClientSession,
         collection: &str,
         ops: &[Op],
-        checkpoint: &Checkpoint,
+        next: Next<'_>,
         term: i64,
+        expect: &Rev,
         careful: bool,
-    ) -> Result<(), TxnErr> {
+    ) -> Result<Rev, TxnErr> {
         session
             .start_transaction()
             .write_concern(durable())
@@ -266,23 +391,27 @@ impl Follower {
             .map_err(apply_err)?;
         // Fence first, then the data, then the checkpoint: all or nothing.
         let body = async {
-            self.raise_fence(Some(&mut *session), term).await?;
+            self.raise_fence(Some(&mut *session), collection, term)
+                .await?;
             let plan = Plan::build(ops, &self.key_field, careful);
             self.run_plan(Some(&mut *session), collection, &plan)
                 .await?;
-            self.store_checkpoint(Some(&mut *session), collection, checkpoint, term)
+            self.store_checkpoint(Some(&mut *session), collection, next, term, expect)
                 .await
                 .map_err(TxnErr::Apply)
         };
-        if let Err(e) = body.await {
-            let _ = session.abort_transaction().await;
-            return Err(e);
-        }
+        let rev = match body.await {
+            Ok(rev) => rev,
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                return Err(e);
+            }
+        };
         // The commit is retried once when its outcome is unknown; a commit is idempotent.
         let mut retried = false;
         loop {
             match session.commit_transaction().await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(rev),
                 Err(e)
                     if !retried
                         && e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT) =>
@@ -290,7 +419,7 @@ impl Follower {
                     retried = true;
                 }
                 Err(e) => {
-                    if let Some(fenced) = self.fenced_error(term).await {
+                    if let Some(fenced) = self.fenced_error(collection, term).await {
                         return Err(TxnErr::Apply(fenced));
                     }
                     return Err(apply_err(e));
@@ -299,14 +428,17 @@ impl Follower {
         }
     }
 
+    /// Fence, data and checkpoint as three writes, for followers without transactions whose
+    /// config accepts that (`allow_unfenced_writes`).
     async fn apply_plain(
         &self,
         collection: &str,
         ops: &[Op],
-        checkpoint: &Checkpoint,
+        next: Next<'_>,
         term: i64,
-    ) -> Result<(), ApplyError> {
-        self.raise_fence(None, term)
+        expect: &Rev,
+    ) -> Result<Rev, ApplyError> {
+        self.raise_fence(None, collection, term)
             .await
             .map_err(TxnErr::into_apply)?;
         let plan = Plan::build(ops, &self.key_field, false);
@@ -320,7 +452,7 @@ impl Follower {
             }
             Err(TxnErr::Apply(e)) => return Err(e),
         }
-        self.store_checkpoint(None, collection, checkpoint, term)
+        self.store_checkpoint(None, collection, next, term, expect)
             .await
     }
 
@@ -344,19 +476,58 @@ impl Follower {
         Ok(res?)
     }
 
-    /// Moves the follower's fence up to `term`; fails with [`ApplyError::Fenced`] when the
+    /// Raises this pipeline's fence to `term` on its own, outside a batch: a new leader does
+    /// this before it reads the pipeline's checkpoint, so that a stale leader's transaction
+    /// either committed before that read or fails.
+    pub async fn claim(&self, collection: &str, term: i64) -> Result<(), ApplyError> {
+        if !self.supports_transactions().await? && !self.allow_unfenced {
+            return Err(ApplyError::Unfenced(self.name.clone()));
+        }
+        self.ensure_state_collections().await?;
+        self.raise_fence(None, collection, term)
+            .await
+            .map_err(TxnErr::into_apply)
+    }
+
+    /// Creates the state collections up front: a transaction may create a collection
+    /// implicitly, but two transactions creating the same one conflict.
+    async fn ensure_state_collections(&self) -> Result<(), ApplyError> {
+        if self.state_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        for name in [
+            FENCE_COLLECTION,
+            CHECKPOINT_COLLECTION,
+            WRITER_SESSIONS_COLLECTION,
+        ] {
+            match self
+                .command(&self.state_db, doc! {"create": name}, None)
+                .await
+            {
+                Ok(_) => {}
+                // NamespaceExists.
+                Err(ApplyError::Unavailable(m)) if m.contains("(code 48)") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.state_ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Moves the pipeline's fence up to `term`; fails with [`ApplyError::Fenced`] when the
     /// follower has already seen a higher term. The upsert on a filter that no longer matches
     /// tries to insert the fence document again, which the unique `_id` turns into a
     /// duplicate-key error.
     async fn raise_fence(
         &self,
         session: Option<&mut ClientSession>,
+        collection: &str,
         term: i64,
     ) -> Result<(), TxnErr> {
         let cmd = doc! {
             "update": FENCE_COLLECTION,
             "updates": [{
-                "q": {"_id": "fence", "term": {"$lte": term}},
+                "q": {"_id": {"$eq": self.pipeline_id(collection)}, "term": {"$lte": term}},
                 "u": {"$set": {"term": term, "node": &self.node_id}, "$currentDate": {"at": true}},
                 "upsert": true,
             }],
@@ -367,7 +538,7 @@ impl Follower {
             .map_err(TxnErr::Apply)?;
         if let Some((code, msg)) = first_write_error(&res) {
             if code == 11000 {
-                let their_term = self.fence_term().await.unwrap_or(term + 1);
+                let their_term = self.fence_term(collection).await.unwrap_or(term + 1);
                 return Err(TxnErr::Apply(ApplyError::Fenced {
                     our_term: term,
                     their_term,
@@ -380,20 +551,20 @@ impl Follower {
         Ok(())
     }
 
-    /// The term recorded in the follower's fence, if any.
-    pub async fn fence_term(&self) -> Option<i64> {
+    /// The term recorded in the pipeline's fence, if any.
+    pub async fn fence_term(&self, collection: &str) -> Option<i64> {
         let d = self
             .client
             .database(&self.state_db)
             .collection::<Document>(FENCE_COLLECTION)
-            .find_one(doc! {"_id": "fence"})
+            .find_one(eq("_id", &Bson::String(self.pipeline_id(collection))))
             .await
             .ok()??;
         d.get("term").and_then(bson_i64)
     }
 
-    async fn fenced_error(&self, term: i64) -> Option<ApplyError> {
-        let their = self.fence_term().await?;
+    async fn fenced_error(&self, collection: &str, term: i64) -> Option<ApplyError> {
+        let their = self.fence_term(collection).await?;
         (their > term).then_some(ApplyError::Fenced {
             our_term: term,
             their_term: their,
@@ -425,107 +596,122 @@ impl Follower {
         Ok(())
     }
 
+    /// Replaces the pipeline's checkpoint with `next` if the follower still holds revision
+    /// `expect`; fails with [`ApplyError::Moved`] otherwise.
     async fn store_checkpoint(
         &self,
         session: Option<&mut ClientSession>,
         collection: &str,
-        cp: &Checkpoint,
+        next: Next<'_>,
         term: i64,
-    ) -> Result<(), ApplyError> {
-        let mut set = doc! {
-            "token": cp.token.clone(),
-            "taken_at_ms": cp.taken_at_ms,
+        expect: &Rev,
+    ) -> Result<Rev, ApplyError> {
+        let write_id = ObjectId::new();
+        let id = self.pipeline_id(collection);
+        let mut body = doc! {
+            "_id": &id,
+            "write_id": write_id,
             "term": term,
             "node": &self.node_id,
         };
-        if let Some(ts) = cp.cluster_time {
-            set.insert("cluster_time", ts);
-        }
-        let mut update = doc! {"$set": set};
-        match &cp.copy_after {
-            Some(b) => {
-                update
-                    .get_document_mut("$set")
-                    .map(|s| s.insert("copy_after", doc! {"v": b.clone()}))
-                    .ok();
+        match next {
+            Next::At(cp) => {
+                body.insert("token", cp.token.clone());
+                body.insert("taken_at_ms", cp.taken_at_ms);
+                if let Some(ts) = cp.cluster_time {
+                    body.insert("cluster_time", ts);
+                }
+                if let Some(b) = &cp.copy_after {
+                    body.insert("copy_after", doc! {"v": b.clone()});
+                }
             }
-            None => {
-                update.insert("$unset", doc! {"copy_after": ""});
+            Next::Resync => {
+                body.insert("resync", true);
+                body.insert("taken_at_ms", now_ms());
             }
         }
-        let cmd = doc! {
-            "update": CHECKPOINT_COLLECTION,
-            "updates": [{"q": {"_id": self.checkpoint_id(collection)}, "u": update, "upsert": true}],
+        let cmd = match expect {
+            Rev::Absent => doc! {"insert": CHECKPOINT_COLLECTION, "documents": [body]},
+            Rev::Legacy | Rev::Id(_) => {
+                let rev = match expect {
+                    Rev::Id(old) => doc! {"$eq": *old},
+                    _ => doc! {"$exists": false},
+                };
+                doc! {
+                    "update": CHECKPOINT_COLLECTION,
+                    "updates": [{"q": {"_id": {"$eq": &id}, "write_id": rev}, "u": body, "upsert": false}],
+                }
+            }
         };
         let res = self.command(&self.state_db, cmd, session).await?;
-        if let Some((_, msg)) = first_write_error(&res) {
+        if let Some((code, msg)) = first_write_error(&res) {
+            if code == 11000 {
+                return Err(ApplyError::Moved(collection.to_string()));
+            }
             return Err(ApplyError::Rejected(format!("checkpoint write: {msg}")));
         }
-        Ok(())
+        if res.get("n").and_then(bson_i64) != Some(1) {
+            return Err(ApplyError::Moved(collection.to_string()));
+        }
+        Ok(Rev::Id(write_id))
     }
 
-    fn checkpoint_id(&self, collection: &str) -> String {
+    /// The id of a pipeline's fence and checkpoint documents: `<database>.<collection>`.
+    fn pipeline_id(&self, collection: &str) -> String {
         format!("{}.{}", self.data_db, collection)
     }
 
-    /// The checkpoint stored on the follower for `collection`, if any.
-    pub async fn load_checkpoint(
-        &self,
-        collection: &str,
-    ) -> Result<Option<Checkpoint>, ApplyError> {
+    /// What the follower holds for `collection`.
+    pub async fn load_checkpoint(&self, collection: &str) -> Result<Stored, ApplyError> {
         let d = self
             .client
             .database(&self.state_db)
             .collection::<Document>(CHECKPOINT_COLLECTION)
-            .find_one(doc! {"_id": self.checkpoint_id(collection)})
+            .find_one(eq("_id", &Bson::String(self.pipeline_id(collection))))
             .await?;
-        let Some(d) = d else { return Ok(None) };
-        let Ok(token) = d.get_document("token") else {
-            return Ok(None);
+        let Some(d) = d else {
+            return Ok(Stored::Absent);
         };
-        Ok(Some(Checkpoint {
-            token: token.clone(),
-            cluster_time: d.get_timestamp("cluster_time").ok(),
-            copy_after: d
-                .get_document("copy_after")
-                .ok()
-                .and_then(|c| c.get("v").cloned()),
-            taken_at_ms: d.get("taken_at_ms").and_then(bson_i64).unwrap_or(0),
-        }))
+        let rev = match d.get_object_id("write_id") {
+            Ok(id) => Rev::Id(id),
+            Err(_) => Rev::Legacy,
+        };
+        let token = match d.get_document("token") {
+            Ok(t) if !d.get_bool("resync").unwrap_or(false) => t.clone(),
+            // A resync marker, or a document without a usable token: copy again, which is
+            // always correct.
+            _ => return Ok(Stored::Resync { rev }),
+        };
+        Ok(Stored::At {
+            cp: Box::new(Checkpoint {
+                token,
+                cluster_time: d.get_timestamp("cluster_time").ok(),
+                copy_after: d
+                    .get_document("copy_after")
+                    .ok()
+                    .and_then(|c| c.get("v").cloned()),
+                taken_at_ms: d.get("taken_at_ms").and_then(bson_i64).unwrap_or(0),
+                write_id: rev.hex(),
+            }),
+            rev,
+        })
     }
 
-    /// Removes the stored checkpoint (before a resync), fenced like every other write.
-    pub async fn clear_checkpoint(&self, collection: &str, term: i64) -> Result<(), ApplyError> {
-        self.raise_fence(None, term)
-            .await
-            .map_err(TxnErr::into_apply)?;
+    /// Marks `collection` for a copy without a lease (the offline `resync`). A writer that
+    /// is running anywhere fails its next checkpoint swap, reloads, and sees the mark.
+    pub async fn mark_resync(&self, collection: &str) -> Result<(), ApplyError> {
+        let id = self.pipeline_id(collection);
         self.client
             .database(&self.state_db)
             .collection::<Document>(CHECKPOINT_COLLECTION)
-            .delete_one(doc! {"_id": self.checkpoint_id(collection)})
+            .replace_one(
+                eq("_id", &Bson::String(id.clone())),
+                doc! {"_id": id, "write_id": ObjectId::new(), "resync": true, "node": &self.node_id, "taken_at_ms": now_ms()},
+            )
+            .upsert(true)
+            .write_concern(durable())
             .await?;
         Ok(())
-    }
-
-    /// Deletes follower documents whose `_id` is not in `keep` among `ids` (used after a copy
-    /// to remove documents the source no longer has). Fenced by `term`.
-    pub async fn delete_ids(
-        &self,
-        collection: &str,
-        ids: Vec<Bson>,
-        term: i64,
-    ) -> Result<(), ApplyError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let ops: Vec<Op> = ids.into_iter().map(|id| Op::Delete { id }).collect();
-        self.raise_fence(None, term)
-            .await
-            .map_err(TxnErr::into_apply)?;
-        let plan = Plan::build(&ops, &self.key_field, false);
-        self.run_plan(None, collection, &plan)
-            .await
-            .map_err(TxnErr::into_apply)
     }
 
     pub fn data_db(&self) -> &str {

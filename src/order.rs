@@ -133,6 +133,27 @@ pub fn range_filter(field: &str, lo: Option<&Bson>, hi: Option<&Bson>) -> Docume
     }
 }
 
+/// Documents whose `field` equals one of `values`, by value only. `$in` takes its values
+/// literally except regular expressions (which it matches as patterns) and arrays (which
+/// also match as elements); those are matched with `$eq` each instead.
+pub fn in_filter(field: &str, values: &[Bson]) -> Document {
+    let (plain, special): (Vec<&Bson>, Vec<&Bson>) = values
+        .iter()
+        .partition(|v| !matches!(v, Bson::RegularExpression(_) | Bson::Array(_)));
+    let plain: Vec<Bson> = plain.into_iter().cloned().collect();
+    if special.is_empty() {
+        return doc! {field: {"$in": plain}};
+    }
+    let mut or: Vec<Bson> = special
+        .into_iter()
+        .map(|v| Bson::Document(doc! {field: {"$eq": v.clone()}}))
+        .collect();
+    if !plain.is_empty() {
+        or.push(Bson::Document(doc! {field: {"$in": plain}}));
+    }
+    doc! {"$or": or}
+}
+
 /// Documents whose `_id` sorts after `after` (to resume a copy in `_id` order).
 pub fn after_filter(after: &Bson) -> Document {
     range_filter("_id", Some(after), None)
@@ -141,6 +162,19 @@ pub fn after_filter(after: &Bson) -> Document {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_filters_take_patterns_and_arrays_literally() {
+        let re = Bson::RegularExpression(mongodb::bson::Regex {
+            pattern: "a".into(),
+            options: String::new(),
+        });
+        assert_eq!(in_filter("k", &[Bson::Int32(1)]), doc! {"k": {"$in": [1]}});
+        assert_eq!(
+            in_filter("k", &[Bson::Int32(1), re.clone()]),
+            doc! {"$or": [{"k": {"$eq": re}}, {"k": {"$in": [1]}}]}
+        );
+    }
 
     #[test]
     fn keys_compare_as_mongodb_sorts_them() {

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::{coalesce, upsert_for, Coalesced, Op, Skip};
 use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
 use crate::config::{redact, Config, InitialSync, OnHistoryLost};
-use crate::follower::{ApplyError, Follower};
+use crate::follower::{ApplyError, Follower, Next, Rev, Stored};
 use crate::lease::Authority;
 use crate::order::after_filter;
 use crate::source::{describe, is_history_lost};
@@ -46,6 +46,9 @@ pub struct Pair {
     pub store: CheckpointStore,
     pub stats: Arc<PairStats>,
     pub authority: Authority,
+    /// The revision of the follower's checkpoint this pipeline last read or wrote; every
+    /// write swaps it, so a follower that changed underneath is noticed (see [`Follower`]).
+    pub rev: std::sync::Mutex<Rev>,
 }
 
 /// How a pipeline ended.
@@ -67,8 +70,11 @@ enum PairError {
     HistoryLost(String),
     NotLeader(String),
     Fatal(String),
-    /// A resync was requested (`POST /resync/{follower}`).
-    Resync,
+    /// Copy the follower again: requested (`POST /resync/{follower}`), or the source
+    /// collection was dropped, renamed, or replaced by a rename (`$out`).
+    Resync(String),
+    /// The follower's checkpoint changed underneath: start again from it, at once.
+    Reload(String),
     Stopped,
 }
 
@@ -76,6 +82,8 @@ impl From<ApplyError> for PairError {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Fenced { .. } => PairError::NotLeader(e.to_string()),
+            ApplyError::Moved(_) => PairError::Reload(e.to_string()),
+            ApplyError::Unfenced(_) => PairError::Fatal(e.to_string()),
             other => PairError::Transient(other.to_string()),
         }
     }
@@ -106,6 +114,7 @@ impl Pair {
         // An error from handling the previous error (a resync that could not start),
         // handled like any other.
         let mut pending: Option<PairError> = None;
+        let mut reloads = 0u32;
         loop {
             if stop.is_cancelled() {
                 self.stats.set_state(PairState::Stopped, None);
@@ -133,7 +142,18 @@ impl Pair {
                     self.stats.set_state(PairState::Stopped, Some(msg.clone()));
                     return Exit::Failed(msg);
                 }
-                PairError::Resync => "resync requested",
+                PairError::Reload(msg) => {
+                    reloads += 1;
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %msg, "reloading the follower's checkpoint");
+                    self.stats.skipped("checkpoint_reload");
+                    // A follower that keeps changing underneath (another writer) is not
+                    // retried in a tight loop.
+                    if reloads > 3 && sleep_or_stop(&stop, backoff).await {
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    continue;
+                }
+                PairError::Resync(reason) => reason,
                 PairError::HistoryLost(msg) => {
                     let policy = self.config.replication.on_history_lost;
                     tracing::error!(
@@ -147,7 +167,7 @@ impl Pair {
                             .set_state(PairState::Stopped, Some(reason.clone()));
                         return Exit::Failed(reason);
                     }
-                    "on_history_lost = \"resync\""
+                    "on_history_lost = \"resync\"".to_string()
                 }
                 PairError::Transient(msg) => {
                     tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, retry_in = ?backoff, "pipeline interrupted; will resume from the checkpoint");
@@ -158,22 +178,50 @@ impl Pair {
                     continue;
                 }
             };
-            // Forget this pair's checkpoints; the next round copies the follower again.
-            tracing::warn!(follower = %self.name(), collection = %self.collection, reason = resync, "copying this follower again");
-            if let Err(e) = self.forget_checkpoints().await {
-                self.stats.request_resync();
-                pending = Some(e);
+            // Mark the follower for a copy; the next round copies it again.
+            tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %resync, "copying this follower again");
+            match self.mark_resync().await {
+                Ok(()) => reloads = 0,
+                // Another writer or a restore moved the checkpoint: the next round reads
+                // it, and marks again if it is not a resync mark.
+                Err(PairError::Reload(_)) => pending = Some(PairError::Resync(resync)),
+                Err(e) => {
+                    self.stats.request_resync();
+                    pending = Some(e);
+                }
             }
         }
     }
 
-    async fn forget_checkpoints(&self) -> Result<(), PairError> {
+    /// Leaves a resync mark as the follower's checkpoint (fenced, swapped on its revision),
+    /// so that the copy happens even across restarts and whatever `initial_sync` says.
+    async fn mark_resync(&self) -> Result<(), PairError> {
         self.check_authority()?;
-        self.follower
-            .clear_checkpoint(&self.collection, self.authority.term())
+        let expect = match self.follower.load_checkpoint(&self.collection).await? {
+            Stored::Resync { .. } => return Ok(()),
+            other => other.rev(),
+        };
+        let rev = self
+            .follower
+            .apply(
+                &self.collection,
+                &[],
+                Next::Resync,
+                self.authority.term(),
+                &expect,
+            )
             .await?;
+        self.set_rev(rev);
         self.store.reset(&self.collection, self.name());
         Ok(())
+    }
+
+    fn rev(&self) -> Rev {
+        self.rev.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_rev(&self, rev: Rev) {
+        *self.rev.lock().unwrap_or_else(|e| e.into_inner()) = rev;
     }
 
     fn check_authority(&self) -> Result<(), PairError> {
@@ -184,14 +232,43 @@ impl Pair {
         }
     }
 
-    /// The newer of the token file's and the follower's checkpoint.
-    async fn resume_point(&self) -> Result<Option<Checkpoint>, PairError> {
-        let local = self.store.get(&self.collection, self.name());
-        let remote = self.follower.load_checkpoint(&self.collection).await?;
-        Ok(match (local, remote) {
-            (Some(l), Some(r)) => Some(if r.is_not_before(&l) && r != l { r } else { l }),
-            (l, r) => l.or(r),
-        })
+    /// Where to resume: the follower's own checkpoint, which is the authority. The token
+    /// file's entry is used instead only when it extends exactly the revision the follower
+    /// holds (it is then ahead by idle post-batch tokens alone, over which nothing changed).
+    async fn resume_point(&self) -> Result<Stored, PairError> {
+        let stored = self.follower.load_checkpoint(&self.collection).await?;
+        self.set_rev(stored.rev());
+        match &stored {
+            Stored::At { cp, rev } => {
+                let local = self.store.get(&self.collection, self.name());
+                match local {
+                    Some(l)
+                        if l.write_id.is_some()
+                            && l.write_id == rev.hex()
+                            && l.copy_after.is_none()
+                            && cp.copy_after.is_none()
+                            && l.is_not_before(cp) =>
+                    {
+                        return Ok(Stored::At {
+                            cp: Box::new(l),
+                            rev: rev.clone(),
+                        });
+                    }
+                    Some(l) if l != **cp => {
+                        tracing::info!(follower = %self.name(), collection = %self.collection, "the token file does not match the follower's checkpoint; resuming from the follower's own");
+                        self.store
+                            .replace(&self.collection, self.name(), (**cp).clone());
+                    }
+                    _ => self
+                        .store
+                        .replace(&self.collection, self.name(), (**cp).clone()),
+                }
+            }
+            Stored::Absent | Stored::Resync { .. } => {
+                self.store.reset(&self.collection, self.name());
+            }
+        }
+        Ok(stored)
     }
 
     async fn run_once(
@@ -200,19 +277,29 @@ impl Pair {
         backoff: &mut Duration,
     ) -> Result<(), PairError> {
         self.check_authority()?;
-        let aborted = self.follower.abort_stale_writers().await?;
+        let term = self.authority.term();
+        // Fence this pipeline before reading its checkpoint: a stale writer's transaction
+        // either committed before the read below, or fails.
+        self.follower.claim(&self.collection, term).await?;
+        let aborted = self
+            .follower
+            .abort_stale_writers(&self.collection, term)
+            .await?;
         if aborted > 0 {
-            tracing::info!(follower = %self.name(), sessions = aborted, "aborted transactions left open by earlier writers");
+            tracing::info!(follower = %self.name(), collection = %self.collection, sessions = aborted, "aborted transactions left open by earlier writers");
         }
         self.follower.ensure_key_index(&self.collection).await?;
         let start = match self.resume_point().await? {
-            Some(cp) if cp.copy_after.is_some() => self.initial_sync(Some(cp), stop).await?,
-            Some(cp) => cp,
-            None => match self.config.replication.initial_sync {
+            Stored::At { cp, .. } if cp.copy_after.is_some() => {
+                self.initial_sync(Some(*cp), stop).await?
+            }
+            Stored::At { cp, .. } => *cp,
+            Stored::Resync { .. } => self.initial_sync(None, stop).await?,
+            Stored::Absent => match self.config.replication.initial_sync {
                 InitialSync::Auto => self.initial_sync(None, stop).await?,
                 InitialSync::Never => {
                     let cp = self.start_now().await?;
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, "no checkpoint and initial_sync = \"never\": streaming from now; existing documents are not copied");
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, "first start of this follower and initial_sync = \"never\": streaming from now; existing documents are not copied (a later resync copies)");
                     cp
                 }
             },
@@ -307,7 +394,7 @@ impl Pair {
                 break;
             }
         }
-        let removed = self.remove_extras().await?;
+        let removed = self.remove_extras(&base, &after).await?;
         let mut cp = base;
         cp.copy_after = None;
         self.commit(Vec::new(), cp.clone(), 0, false).await?;
@@ -332,8 +419,9 @@ impl Pair {
         self.commit(std::mem::take(ops), cp, n, false).await
     }
 
-    /// Deletes follower documents whose `_id` the source does not have.
-    async fn remove_extras(&self) -> Result<u64, PairError> {
+    /// Deletes follower documents whose `_id` the source does not have, fenced and swapped
+    /// like every batch, with the copy's checkpoint (so a crash here resumes at this step).
+    async fn remove_extras(&self, base: &Checkpoint, after: &Bson) -> Result<u64, PairError> {
         let fcoll: Collection<Document> = self
             .follower
             .client()
@@ -362,7 +450,7 @@ impl Pair {
                 let ids = std::mem::take(&mut chunk);
                 let present: Vec<Bson> = self
                     .coll()
-                    .find(doc! {"_id": {"$in": ids.clone()}})
+                    .find(crate::order::in_filter("_id", &ids))
                     .projection(doc! {"_id": 1})
                     .await
                     .map_err(source_err)?
@@ -372,12 +460,15 @@ impl Pair {
                     .into_iter()
                     .filter_map(|d| d.get("_id").cloned())
                     .collect();
-                let extra: Vec<Bson> = ids.into_iter().filter(|i| !present.contains(i)).collect();
+                let mut extra: Vec<Op> = ids
+                    .into_iter()
+                    .filter(|i| !present.contains(i))
+                    .map(|id| Op::Delete { id })
+                    .collect();
                 removed += extra.len() as u64;
-                self.check_authority()?;
-                self.follower
-                    .delete_ids(&self.collection, extra, self.authority.term())
-                    .await?;
+                if !extra.is_empty() {
+                    self.commit_copied(base, after, &mut extra).await?;
+                }
             }
             if finished {
                 return Ok(removed);
@@ -403,21 +494,33 @@ impl Pair {
             self.stats.skipped("duplicate_key");
         }
         let started = Instant::now();
-        if let Err(e) = self
+        let rev = match self
             .follower
-            .apply(&self.collection, &ops, &cp, self.authority.term())
+            .apply(
+                &self.collection,
+                &ops,
+                Next::At(&cp),
+                self.authority.term(),
+                &self.rev(),
+            )
             .await
         {
-            self.stats.batch_failed(events);
-            return Err(e.into());
-        }
+            Ok(rev) => rev,
+            Err(e) => {
+                self.stats.batch_failed(events);
+                return Err(e.into());
+            }
+        };
+        self.set_rev(rev);
         self.stats
             .batch_applied(events, ops.len(), started.elapsed().as_secs_f64());
         self.record(cp, caught_up);
         Ok(())
     }
 
-    fn record(&self, cp: Checkpoint, caught_up: bool) {
+    /// Caches `cp` in the token file, tagged with the follower revision it extends.
+    fn record(&self, mut cp: Checkpoint, caught_up: bool) {
+        cp.write_id = self.rev().hex();
         let ct = cp.cluster_time.map(|t| t.time as i64 * 1000);
         if self.store.advance(&self.collection, self.name(), cp) {
             self.stats.checkpoint_moved(ct, caught_up);
@@ -431,6 +534,10 @@ impl Pair {
             Ok(Err(Skip::MissingKey { id })) => {
                 tracing::warn!(follower = %self.name(), collection = %self.collection, id = %id, key_field = %r.key_field, "skipped a document without the key field (missing_key = \"skip\")");
                 self.stats.skipped("missing_key");
+            }
+            Ok(Err(Skip::UnusableKey { id, reason })) => {
+                tracing::warn!(follower = %self.name(), collection = %self.collection, id = %id, key_field = %r.key_field, reason, "skipped a document whose key cannot identify one follower document (missing_key = \"skip\")");
+                self.stats.skipped("unusable_key");
             }
             Ok(Err(Skip::Gone { .. })) => self.stats.skipped("gone"),
             Err(e) => return Err(PairError::Fatal(e.to_string())),
@@ -467,7 +574,7 @@ impl Pair {
         loop {
             if self.stats.take_resync_request() {
                 self.flush(&mut batch, false).await?;
-                return Err(PairError::Resync);
+                return Err(PairError::Resync("resync requested".into()));
             }
             let item = if batch.events == 0 {
                 tokio::select! {
@@ -501,7 +608,7 @@ impl Pair {
                     let ev = *ev;
                     let invalidate = ev.operation_type == OperationType::Invalidate;
                     if let Err(e) = self.add_event(&mut batch, ev) {
-                        // Apply what came before the bad document, then stop.
+                        // Apply what came before the event, then stop or resync.
                         self.flush(&mut batch, false).await?;
                         return Err(e);
                     }
@@ -570,8 +677,26 @@ impl Pair {
                 }
             },
             OperationType::Drop | OperationType::Rename | OperationType::DropDatabase => {
-                tracing::warn!(follower = %self.name(), collection = %self.collection, op = ?ev.operation_type, "source collection was dropped or renamed; follower documents are left in place (run `check --repair` or `resync` to align them)");
-                self.stats.skipped("drop_or_rename");
+                // The collection was dropped, renamed away, or replaced by a rename into its
+                // name ($out, mapReduce): the follower must end up holding what the source
+                // holds now, which is what a copy does. The batch before this event is
+                // flushed first; the event itself is not checkpointed, so a crash before
+                // the resync mark is written sees it again.
+                let what = match ev.operation_type {
+                    OperationType::Drop => "dropped",
+                    OperationType::DropDatabase => "dropped with its database",
+                    _ => match ev.to.as_ref() {
+                        Some(to)
+                            if to.db == self.config.source.database
+                                && to.coll.as_deref() == Some(self.collection.as_str()) =>
+                        {
+                            "replaced by a rename into its name"
+                        }
+                        _ => "renamed away",
+                    },
+                };
+                tracing::warn!(follower = %self.name(), collection = %self.collection, op = ?ev.operation_type, "the source collection was {what}; copying it again so the follower holds what the source holds");
+                return Err(PairError::Resync(format!("source collection {what}")));
             }
             _ => {}
         }

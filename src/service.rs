@@ -150,6 +150,7 @@ async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Resul
                     store: node.store.clone(),
                     stats: node.status.pair(c, &f.name),
                     authority: auth.clone(),
+                    rev: std::sync::Mutex::new(crate::follower::Rev::Absent),
                 };
                 pipes.spawn(pair.run(pipes_stop.clone()));
             }

@@ -409,21 +409,33 @@ async fn replaying_a_batch_twice_leaves_the_same_state() {
 }
 
 #[tokio::test]
-async fn a_follower_without_transactions_still_gets_every_change() {
+async fn a_follower_without_transactions_is_refused_unless_unfenced_writes_are_accepted() {
     if using_mongod() {
         eprintln!("skipped: uses the test server's --standalone mode");
         return;
     }
-    // A standalone follower cannot run transactions: the checkpoint is written after the
-    // batch instead of with it, which is logged.
+    // A standalone follower cannot run transactions, so its fence, data and checkpoint
+    // would be three separate writes: refused by default, with the reason and the remedy.
     let src = Server::start().await;
     let f1 = Server::start_with(ServerOpts {
         standalone: true,
         ..Default::default()
     })
     .await;
-    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
     let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "first"}).await.unwrap();
+    let mut cfg = ConfigBuilder::new(&src, &[&f1]);
+    let mut r = Replicator::start(&cfg, "n1");
+    r.wait_stopped_with("allow_unfenced_writes", CONVERGE).await;
+    let f = f1.coll("data").await;
+    assert_eq!(f.count_documents(doc! {}).await.unwrap(), 0);
+    // Not a fatal error for the node: it stays up and reports it.
+    assert!(r.is_running());
+    r.terminate().await;
+
+    // Accepted explicitly: every change arrives, and the risk is logged.
+    cfg.follower_extra = "allow_unfenced_writes = true\n".into();
+    let r = Replicator::start(&cfg, "n2");
     for i in 0..20 {
         s.insert_one(doc! {"dataId": format!("s{i}"), "i": i})
             .await
@@ -433,8 +445,12 @@ async fn a_follower_without_transactions_still_gets_every_change() {
     s.update_one(doc! {"dataId": "s4"}, doc! {"$set": {"i": 40}})
         .await
         .unwrap();
-    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
-    assert!(r.log().contains("cannot run transactions"), "{}", r.log());
+    wait_identical(&s, &[f], CONVERGE).await;
+    assert!(
+        r.log().contains("allow_unfenced_writes = true"),
+        "{}",
+        r.log()
+    );
 }
 
 #[tokio::test]

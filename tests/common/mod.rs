@@ -67,6 +67,9 @@ pub struct ServerOpts {
     pub noop_heartbeat_secs: Option<u32>,
     /// Keep at most this many oplog entries (to provoke "history lost").
     pub oplog_max_entries: Option<u64>,
+    /// Acknowledge writes before they are synced to disk, so that a kill -9 can lose
+    /// acknowledged writes (as a mongod without journaling, or a disk that lies, would).
+    pub no_sync: bool,
 }
 
 pub struct Server {
@@ -129,10 +132,12 @@ impl Server {
                 .arg("--storage-path")
                 .arg(&data)
                 .args(["--log-file-max", "16MB", "--cache-size", "128M"])
-                .arg("--enable-test-commands")
+                .arg("--enable-test-commands");
+            if !self.opts.no_sync {
                 // Journaled writes survive a kill -9, as acknowledged writes do on mongod
                 // (SecantusDB otherwise acknowledges before its log is synced).
-                .arg("--sync-on-commit");
+                cmd.arg("--sync-on-commit");
+            }
             if self.opts.standalone {
                 cmd.arg("--standalone");
             }
@@ -264,6 +269,34 @@ impl Server {
         }
     }
 
+    /// The server's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Copies the data directory to `dest` (stop the server first for a consistent copy).
+    pub fn copy_data_to(&self, dest: &Path) {
+        copy_dir(&self.data_dir(), dest);
+    }
+
+    /// Stops the server, replaces its data with the copy in `src` (an earlier snapshot), and
+    /// starts it again on the same port.
+    pub async fn restore_data_from(&mut self, src: &Path) {
+        self.stop();
+        let data = self.data_dir();
+        std::fs::remove_dir_all(&data).expect("remove data");
+        copy_dir(src, &data);
+        let port = self.port;
+        self.spawn(port).await;
+    }
+
+    /// Starts it again on the same port and data, after a kill or a stop.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let port = self.port;
+        self.spawn(port).await;
+    }
+
     /// Starts it again on the same port and data (after a clean stop if it is running).
     pub async fn restart(&mut self) {
         self.stop();
@@ -295,6 +328,19 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port below the ephemeral range");
+}
+
+fn copy_dir(src: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest).expect("create dir");
+    for entry in std::fs::read_dir(src).expect("read dir") {
+        let entry = entry.expect("entry");
+        let to = dest.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).expect("copy");
+        }
+    }
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -345,6 +391,8 @@ pub struct ConfigBuilder {
     pub followers: Vec<(String, String)>,
     pub collections: Vec<String>,
     pub extra: String,
+    /// Lines added to every `[[followers]]` table.
+    pub follower_extra: String,
     pub ttl: &'static str,
     pub renew: &'static str,
 }
@@ -360,6 +408,7 @@ impl ConfigBuilder {
                 .collect(),
             collections: vec!["data".into()],
             extra: String::new(),
+            follower_extra: String::new(),
             ttl: "3s",
             renew: "500ms",
         }
@@ -385,7 +434,8 @@ impl ConfigBuilder {
         );
         for (name, uri) in &self.followers {
             s.push_str(&format!(
-                "[[followers]]\nname = \"{name}\"\nuri = \"{uri}\"\n\n"
+                "[[followers]]\nname = \"{name}\"\nuri = \"{uri}\"\n{}\n",
+                self.follower_extra
             ));
         }
         let has = |section: &str| self.extra.contains(section);
