@@ -100,6 +100,36 @@ pub fn eq(field: &str, value: &Bson) -> Document {
     doc! {field: {"$eq": value.clone()}}
 }
 
+/// The follower document whose key field holds `key` itself. Like [`eq`], and also refuses
+/// to reach the value through an array: `{k: {$eq: v}}` alone matches a document whose `k`
+/// is an array holding `v` (or, for a dotted `a.b`, whose `a` is an array of documents), and
+/// such a document (replicated under `missing_key = "use_id"`) is another document.
+pub fn key_eq(field: &str, key: &Bson) -> Document {
+    let mut d = no_arrays_above(field);
+    d.insert(field, doc! {"$eq": key.clone(), "$not": {"$type": "array"}});
+    d
+}
+
+/// Like [`key_eq`] for any of `keys` (which must be usable keys).
+pub fn key_in(field: &str, keys: &[Bson]) -> Document {
+    let mut d = no_arrays_above(field);
+    d.insert(
+        field,
+        doc! {"$in": keys.to_vec(), "$not": {"$type": "array"}},
+    );
+    d
+}
+
+/// `{prefix: {$not: {$type: "array"}}}` for each proper prefix of a dotted path.
+fn no_arrays_above(field: &str) -> Document {
+    let mut d = Document::new();
+    let parts: Vec<&str> = field.split('.').collect();
+    for i in 1..parts.len() {
+        d.insert(parts[..i].join("."), doc! {"$not": {"$type": "array"}});
+    }
+    d
+}
+
 /// The operation for a document that exists on the source (from a change event's full
 /// document, or from the initial copy).
 pub fn upsert_for(
@@ -226,15 +256,18 @@ impl Plan {
                 Op::Upsert { id, key, doc } => {
                     // Values are matched with `$eq`: a key is data, never a query.
                     let q = match key {
-                        Some(k) => eq(key_field, k),
+                        Some(k) => key_eq(key_field, k),
                         None => eq("_id", id),
                     };
                     if careful {
                         if let Some(k) = key {
+                            // This `_id` under another key, or this key under another `_id`.
+                            let mut other_id = key_eq(key_field, k);
+                            other_id.insert("_id", doc! {"$ne": id.clone()});
                             plan.deletes.push(doc! {
                                 "q": {"$or": [
-                                    {"_id": {"$eq": id.clone()}, key_field: {"$ne": k.clone()}},
-                                    {key_field: {"$eq": k.clone()}, "_id": {"$ne": id.clone()}},
+                                    {"_id": {"$eq": id.clone()}, "$nor": [key_eq(key_field, k)]},
+                                    other_id,
                                 ]},
                                 "limit": 0,
                             });
@@ -381,9 +414,25 @@ mod tests {
             let plan = Plan::build(&[op], "dataId", false);
             assert_eq!(
                 plan.upserts[0].get_document("q").unwrap(),
-                &doc! {"dataId": {"$eq": key}}
+                &doc! {"dataId": {"$eq": key, "$not": {"$type": "array"}}}
             );
         }
+    }
+
+    #[test]
+    fn key_filters_never_reach_through_arrays() {
+        assert_eq!(
+            key_eq("a.b.c", &Bson::Int32(1)),
+            doc! {
+                "a": {"$not": {"$type": "array"}},
+                "a.b": {"$not": {"$type": "array"}},
+                "a.b.c": {"$eq": 1, "$not": {"$type": "array"}},
+            }
+        );
+        assert_eq!(
+            key_in("k", &[Bson::Int32(1)]),
+            doc! {"k": {"$in": [1], "$not": {"$type": "array"}}}
+        );
     }
 
     #[test]

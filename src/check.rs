@@ -688,7 +688,7 @@ impl Checker {
     ) -> Result<HashMap<Vec<u8>, Vec<RawDocumentBuf>>, CheckError> {
         let mut out: HashMap<Vec<u8>, Vec<RawDocumentBuf>> = HashMap::new();
         for chunk in keys.chunks(1000) {
-            let filter = crate::order::in_filter(&self.key, chunk);
+            let filter = crate::change::key_in(&self.key, chunk);
             for d in self
                 .fetch_in(coll, filter, session.as_deref_mut(), what)
                 .await?
@@ -761,7 +761,7 @@ impl Checker {
         let mut r = RepairReport::default();
         for key in keys {
             // Matched by value: a key is data, never a query.
-            let filter = crate::change::eq(&self.key, key);
+            let filter = crate::change::key_eq(&self.key, key);
             let docs: Vec<Document> = self
                 .src
                 .find(filter.clone())
@@ -783,7 +783,10 @@ impl Checker {
                 // A follower document with this _id but another key would block the write.
                 let del = self
                     .fol
-                    .delete_many(doc! {"_id": {"$eq": id.clone()}, &self.key: {"$ne": key.clone()}})
+                    .delete_many(doc! {
+                        "_id": {"$eq": id.clone()},
+                        "$nor": [crate::change::key_eq(&self.key, key)],
+                    })
                     .await
                     .map_err(|e| cannot_run("follower", e))?;
                 r.deleted += del.deleted_count;

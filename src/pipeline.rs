@@ -278,9 +278,10 @@ impl Pair {
     ) -> Result<(), PairError> {
         self.check_authority()?;
         let term = self.authority.term();
-        // Fence this pipeline before reading its checkpoint: a stale writer's transaction
+        // First end the transactions that killed or stale writers of this pipeline left
+        // open (they hold its fence, and the fence write below would wait for them), then
+        // fence the pipeline before reading its checkpoint: a stale writer's transaction
         // either committed before the read below, or fails.
-        self.follower.claim(&self.collection, term).await?;
         let aborted = self
             .follower
             .abort_stale_writers(&self.collection, term)
@@ -288,6 +289,7 @@ impl Pair {
         if aborted > 0 {
             tracing::info!(follower = %self.name(), collection = %self.collection, sessions = aborted, "aborted transactions left open by earlier writers");
         }
+        self.follower.claim(&self.collection, term).await?;
         self.follower.ensure_key_index(&self.collection).await?;
         let start = match self.resume_point().await? {
             Stored::At { cp, .. } if cp.copy_after.is_some() => {
@@ -531,13 +533,17 @@ impl Pair {
         let r = &self.config.replication;
         match upsert_for(doc, &r.key_field, r.missing_key) {
             Ok(Ok(op)) => ops.push(op),
+            // A skipped document is absent from the follower: an earlier version of it that
+            // had a usable key is removed (by `_id`), instead of lingering under its old key.
             Ok(Err(Skip::MissingKey { id })) => {
                 tracing::warn!(follower = %self.name(), collection = %self.collection, id = %id, key_field = %r.key_field, "skipped a document without the key field (missing_key = \"skip\")");
                 self.stats.skipped("missing_key");
+                ops.push(Op::Delete { id });
             }
             Ok(Err(Skip::UnusableKey { id, reason })) => {
                 tracing::warn!(follower = %self.name(), collection = %self.collection, id = %id, key_field = %r.key_field, reason, "skipped a document whose key cannot identify one follower document (missing_key = \"skip\")");
                 self.stats.skipped("unusable_key");
+                ops.push(Op::Delete { id });
             }
             Ok(Err(Skip::Gone { .. })) => self.stats.skipped("gone"),
             Err(e) => return Err(PairError::Fatal(e.to_string())),

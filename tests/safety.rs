@@ -116,8 +116,8 @@ async fn operator_shaped_and_regex_keys_never_touch_other_documents() {
                 == 1
     })
     .await;
-    // Every plain document is intact: exactly the source's plain documents (k5 kept its
-    // old copy on the follower, as for a document whose key went missing under `skip`).
+    // Every plain document is intact: exactly the source's plain documents. k5, whose key
+    // became unusable, is gone from the follower rather than lingering under its old key.
     let want: Vec<Document> = dump(&s)
         .await
         .into_iter()
@@ -126,11 +126,17 @@ async fn operator_shaped_and_regex_keys_never_touch_other_documents() {
     let got: Vec<Document> = dump(&f)
         .await
         .into_iter()
-        .filter(|d| d.get_str("dataId").is_ok() && d.get_str("dataId") != Ok("k5"))
+        .filter(|d| d.get_str("dataId").is_ok())
         .collect();
     assert_eq!(got, want);
-    // 20, less k8 (deleted) and k5 (left out above), plus "after".
+    // 20, less k8 (deleted) and k5 (unusable key now), plus "after".
     assert_eq!(got.len(), 19);
+    assert_eq!(
+        f.count_documents(doc! {"_id": {"$eq": s.find_one(doc! {"i": 5}).await.unwrap().unwrap().get("_id").unwrap().clone()}})
+            .await
+            .unwrap(),
+        0
+    );
     // No hostile document was written; each was skipped, counted, and logged with why.
     assert_eq!(
         f.count_documents(doc! {"_id": {"$regex": "^bad"}})
@@ -191,6 +197,22 @@ async fn under_use_id_hostile_keys_replicate_by_id_and_check_agrees() {
     s.update_one(doc! {"dataId": "k3"}, doc! {"$set": {"i": 300}})
         .await
         .unwrap();
+    // bad7's key is the array ["k1", "k2"]: the plain documents k1 and k2 must not reach it
+    // through the array (a plain `$eq` on the key would match it, and replace it).
+    for k in ["k1", "k2"] {
+        s.update_one(doc! {"dataId": {"$eq": k}}, doc! {"$set": {"i": 1000}})
+            .await
+            .unwrap();
+    }
+    s.insert_one(doc! {"_id": "arr2", "dataId": ["k4", "x"]})
+        .await
+        .unwrap();
+    s.update_one(
+        doc! {"dataId": {"$eq": "k4"}, "_id": {"$ne": "arr2"}},
+        doc! {"$set": {"i": 4000}},
+    )
+    .await
+    .unwrap();
     wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
 
     // The check and its repair read hostile keys as values too.
