@@ -201,8 +201,7 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
         let f = Follower::new(
             fcfg,
             &config.source.database,
-            &config.replication.state_database,
-            &config.replication.key_field,
+            &config.replication,
             config.node_id(),
         )
         .await

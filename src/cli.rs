@@ -125,8 +125,7 @@ pub async fn resync(config: &Config, follower: &str) -> ExitCode {
         let f = Follower::new(
             fcfg,
             &config.source.database,
-            &config.replication.state_database,
-            &config.replication.key_field,
+            &config.replication,
             config.node_id(),
         )
         .await?;

@@ -99,6 +99,25 @@ pub struct ReplicationConfig {
     pub initial_sync: InitialSync,
     pub on_history_lost: OnHistoryLost,
     pub state_database: String,
+    /// What to do with a document a follower refuses for good (a validator, another unique
+    /// index, a field name it cannot store).
+    pub on_rejected: OnRejected,
+    /// The longest a follower write (batch, checkpoint, fence) may take before the follower
+    /// counts as down; also the write concern's `wtimeout`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// The most bytes of documents a batch holds; read-ahead is bounded by twice this.
+    pub batch_max_bytes: bytesize::ByteSize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRejected {
+    /// Record the document in the follower's `state_database.quarantine`, count and report
+    /// it, and go on.
+    Quarantine,
+    /// Stop that follower's pipeline with the reason.
+    Stop,
 }
 
 impl Default for ReplicationConfig {
@@ -111,6 +130,9 @@ impl Default for ReplicationConfig {
             initial_sync: InitialSync::Auto,
             on_history_lost: OnHistoryLost::Resync,
             state_database: "mongo_replicator".into(),
+            on_rejected: OnRejected::Quarantine,
+            write_timeout: Duration::from_secs(30),
+            batch_max_bytes: bytesize::ByteSize::mb(16),
         }
     }
 }
@@ -315,6 +337,23 @@ impl Config {
                 "is longer than 60s; batches would wait too long",
             ));
         }
+        if r.write_timeout < Duration::from_millis(100)
+            || r.write_timeout > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::key(
+                "replication.write_timeout",
+                "is out of range; use 100ms to 1h",
+            ));
+        }
+        if r.batch_max_bytes.as_u64() < 1024 * 1024 || r.batch_max_bytes.as_u64() > 1 << 30 {
+            return Err(ConfigError::key(
+                "replication.batch_max_bytes",
+                format!(
+                    "{} is out of range; use 1MiB to 1GiB (one document may be up to 16MiB, and a batch always takes at least one)",
+                    r.batch_max_bytes
+                ),
+            ));
+        }
         validate_db_name("replication.state_database", &r.state_database)?;
         if r.state_database == self.source.database {
             return Err(ConfigError::key(
@@ -330,6 +369,12 @@ impl Config {
             return Err(ConfigError::key(
                 "lease.renew_interval",
                 "must be at least 50ms",
+            ));
+        }
+        if l.ttl < Duration::from_secs(1) || l.ttl > Duration::from_secs(3600) {
+            return Err(ConfigError::key(
+                "lease.ttl",
+                "is out of range; use 1s to 1h (a leader stops writing a safety margin of ttl/5, at least 200ms, before its lease could expire)",
             ));
         }
         if l.ttl <= l.renew_interval * 2 {

@@ -30,7 +30,7 @@ use mongodb::{Client, ClientSession};
 
 use crate::change::{eq, Op, Plan};
 use crate::checkpoint::{now_ms, Checkpoint};
-use crate::config::FollowerConfig;
+use crate::config::{FollowerConfig, ReplicationConfig};
 
 pub const FENCE_COLLECTION: &str = "fence";
 pub const CHECKPOINT_COLLECTION: &str = "checkpoints";
@@ -141,6 +141,8 @@ pub struct Follower {
     key_field: String,
     node_id: String,
     allow_unfenced: bool,
+    /// The time limit of every call to this follower (`replication.write_timeout`).
+    timeout: std::time::Duration,
     /// 0 unknown, 1 transactions, 2 no transactions.
     txn_support: AtomicU8,
     /// The state collections exist (see [`Follower::ensure_state_collections`]).
@@ -157,10 +159,11 @@ impl Follower {
     pub async fn new(
         cfg: &FollowerConfig,
         data_db: &str,
-        state_db: &str,
-        key_field: &str,
+        replication: &ReplicationConfig,
         node_id: &str,
     ) -> anyhow::Result<Follower> {
+        let state_db = &replication.state_database;
+        let key_field = &replication.key_field;
         let client = crate::source::client(&cfg.uri, &format!("follower {}", cfg.name)).await?;
         Ok(Follower {
             name: cfg.name.clone(),
@@ -170,11 +173,29 @@ impl Follower {
             key_field: key_field.to_string(),
             node_id: node_id.to_string(),
             allow_unfenced: cfg.allow_unfenced_writes,
+            timeout: replication.write_timeout,
             txn_support: AtomicU8::new(0),
             state_ready: std::sync::atomic::AtomicBool::new(false),
             incarnation: ObjectId::new().to_hex(),
             sessions: tokio::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Runs `fut` within the follower's time limit; past it, the follower counts as
+    /// unavailable (the pipeline shows `down` and retries).
+    async fn timed<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, ApplyError>>,
+    ) -> Result<T, ApplyError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(res) => res,
+            Err(_) => Err(ApplyError::Unavailable(format!(
+                "follower `{}` did not answer within {} ({what}; replication.write_timeout)",
+                self.name,
+                humantime::format_duration(self.timeout)
+            ))),
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -208,6 +229,11 @@ impl Follower {
     /// key field unless one exists (upserts matched by key would scan the collection
     /// otherwise). Not unique, so existing duplicate data on a follower cannot block it.
     pub async fn ensure_key_index(&self, collection: &str) -> Result<(), ApplyError> {
+        self.timed("ensure key index", self.ensure_key_index_inner(collection))
+            .await
+    }
+
+    async fn ensure_key_index_inner(&self, collection: &str) -> Result<(), ApplyError> {
         let cmd = doc! {
             "createIndexes": collection,
             "indexes": [{"key": {&self.key_field: 1}, "name": format!("mongo_replicator_{}", self.key_field)}],
@@ -230,6 +256,21 @@ impl Follower {
     /// `term`, provided the follower still holds checkpoint revision `expect`. Returns the
     /// new revision. Idempotent: replaying a batch leaves the same state.
     pub async fn apply(
+        &self,
+        collection: &str,
+        ops: &[Op],
+        next: Next<'_>,
+        term: i64,
+        expect: &Rev,
+    ) -> Result<Rev, ApplyError> {
+        self.timed(
+            "batch",
+            self.apply_inner(collection, ops, next, term, expect),
+        )
+        .await
+    }
+
+    async fn apply_inner(
         &self,
         collection: &str,
         ops: &[Op],
@@ -340,6 +381,18 @@ impl Follower {
         collection: &str,
         term: i64,
     ) -> Result<usize, ApplyError> {
+        self.timed(
+            "aborting stale writers",
+            self.abort_stale_writers_inner(collection, term),
+        )
+        .await
+    }
+
+    async fn abort_stale_writers_inner(
+        &self,
+        collection: &str,
+        term: i64,
+    ) -> Result<usize, ApplyError> {
         let coll = self
             .client
             .database(&self.state_db)
@@ -386,7 +439,7 @@ impl Follower {
     ) -> Result<Rev, TxnErr> {
         session
             .start_transaction()
-            .write_concern(durable())
+            .write_concern(durable(self.timeout))
             .await
             .map_err(apply_err)?;
         // Fence first, then the data, then the checkpoint: all or nothing.
@@ -469,7 +522,10 @@ impl Follower {
             Some(s) => db.run_command(cmd).session(s).await,
             None => {
                 let mut cmd = cmd;
-                cmd.insert("writeConcern", doc! {"w": "majority", "j": true});
+                cmd.insert(
+                    "writeConcern",
+                    doc! {"w": "majority", "j": true, "wtimeout": self.timeout.as_millis() as i64},
+                );
                 db.run_command(cmd).await
             }
         };
@@ -480,6 +536,11 @@ impl Follower {
     /// this before it reads the pipeline's checkpoint, so that a stale leader's transaction
     /// either committed before that read or fails.
     pub async fn claim(&self, collection: &str, term: i64) -> Result<(), ApplyError> {
+        self.timed("claim", self.claim_inner(collection, term))
+            .await
+    }
+
+    async fn claim_inner(&self, collection: &str, term: i64) -> Result<(), ApplyError> {
         if !self.supports_transactions().await? && !self.allow_unfenced {
             return Err(ApplyError::Unfenced(self.name.clone()));
         }
@@ -663,6 +724,11 @@ impl Follower {
 
     /// What the follower holds for `collection`.
     pub async fn load_checkpoint(&self, collection: &str) -> Result<Stored, ApplyError> {
+        self.timed("load checkpoint", self.load_checkpoint_inner(collection))
+            .await
+    }
+
+    async fn load_checkpoint_inner(&self, collection: &str) -> Result<Stored, ApplyError> {
         let d = self
             .client
             .database(&self.state_db)
@@ -700,6 +766,11 @@ impl Follower {
     /// Marks `collection` for a copy without a lease (the offline `resync`). A writer that
     /// is running anywhere fails its next checkpoint swap, reloads, and sees the mark.
     pub async fn mark_resync(&self, collection: &str) -> Result<(), ApplyError> {
+        self.timed("mark resync", self.mark_resync_inner(collection))
+            .await
+    }
+
+    async fn mark_resync_inner(&self, collection: &str) -> Result<(), ApplyError> {
         let id = self.pipeline_id(collection);
         self.client
             .database(&self.state_db)
@@ -709,7 +780,7 @@ impl Follower {
                 doc! {"_id": id, "write_id": ObjectId::new(), "resync": true, "node": &self.node_id, "taken_at_ms": now_ms()},
             )
             .upsert(true)
-            .write_concern(durable())
+            .write_concern(durable(self.timeout))
             .await?;
         Ok(())
     }
@@ -722,10 +793,11 @@ impl Follower {
 /// The write concern of every follower write: acknowledged by a majority and journaled, so
 /// that an acknowledged batch (and the checkpoint that moves past it) survives a crash of
 /// the follower.
-fn durable() -> mongodb::options::WriteConcern {
+fn durable(timeout: std::time::Duration) -> mongodb::options::WriteConcern {
     mongodb::options::WriteConcern::builder()
         .w(mongodb::options::Acknowledgment::Majority)
         .journal(true)
+        .w_timeout(timeout)
         .build()
 }
 

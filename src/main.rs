@@ -69,6 +69,14 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let code = run(cli).await;
+        mongo_replicator::source::shutdown_clients().await;
+        code
+    })
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    {
         match cli.command {
             Command::Run { config, node_id } => {
                 let mut config = match load(&config) {
@@ -111,5 +119,5 @@ fn main() -> ExitCode {
                 mongo_replicator::cli::resync(&config, &follower).await
             }
         }
-    })
+    }
 }

@@ -9,6 +9,7 @@
 //! checkpoint after a capped exponential backoff: at-least-once delivery made exact by
 //! idempotent writes.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::change::{coalesce, upsert_for, Coalesced, Op, Skip};
 use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
-use crate::config::{redact, Config, InitialSync, OnHistoryLost};
+use crate::config::{Config, InitialSync, OnHistoryLost};
 use crate::follower::{ApplyError, Follower, Next, Rev, Stored};
 use crate::lease::Authority;
 use crate::order::after_filter;
@@ -108,6 +109,37 @@ impl Pair {
         &self.follower.name
     }
 
+    /// A source call within `replication.write_timeout`: a source that hangs counts as
+    /// unavailable instead of holding the pair forever.
+    async fn src<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, PairError> {
+        let limit = self.config.replication.write_timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(res) => res.map_err(source_err),
+            Err(_) => Err(PairError::Transient(format!(
+                "source did not answer within {} (replication.write_timeout)",
+                humantime::format_duration(limit)
+            ))),
+        }
+    }
+
+    /// A direct read of the follower within `replication.write_timeout`.
+    async fn fol<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, PairError> {
+        let limit = self.config.replication.write_timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(res) => res.map_err(|e| PairError::Transient(format!("follower: {}", describe(&e)))),
+            Err(_) => Err(PairError::Transient(format!(
+                "follower did not answer within {} (replication.write_timeout)",
+                humantime::format_duration(limit)
+            ))),
+        }
+    }
+
     /// Runs until `stop` is cancelled, the lease is lost, or a fatal error.
     pub async fn run(self, stop: CancellationToken) -> Exit {
         let mut backoff = BACKOFF_START;
@@ -138,9 +170,13 @@ impl Pair {
                     return Exit::NotLeader(msg);
                 }
                 PairError::Fatal(msg) => {
-                    tracing::error!(follower = %self.name(), collection = %self.collection, reason = %msg, "pipeline stopped");
+                    tracing::error!(follower = %self.name(), collection = %self.collection, reason = %msg, "pipeline stopped; it starts again on a resync (or a restart of the node)");
                     self.stats.set_state(PairState::Stopped, Some(msg.clone()));
-                    return Exit::Failed(msg);
+                    if !self.wait_for_resync(&stop).await {
+                        return Exit::Failed(msg);
+                    }
+                    backoff = BACKOFF_START;
+                    "resync requested".to_string()
                 }
                 PairError::Reload(msg) => {
                     reloads += 1;
@@ -165,9 +201,14 @@ impl Pair {
                         let reason = format!("history lost: resume point no longer in the source's oplog ({msg}); on_history_lost = \"fail\": run `mongo-replicator resync --follower {}`", self.name());
                         self.stats
                             .set_state(PairState::Stopped, Some(reason.clone()));
-                        return Exit::Failed(reason);
+                        if !self.wait_for_resync(&stop).await {
+                            return Exit::Failed(reason);
+                        }
+                        backoff = BACKOFF_START;
+                        "resync requested".to_string()
+                    } else {
+                        "on_history_lost = \"resync\"".to_string()
                     }
-                    "on_history_lost = \"resync\"".to_string()
                 }
                 PairError::Transient(msg) => {
                     tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, retry_in = ?backoff, "pipeline interrupted; will resume from the checkpoint");
@@ -189,6 +230,19 @@ impl Pair {
                     self.stats.request_resync();
                     pending = Some(e);
                 }
+            }
+        }
+    }
+
+    /// A stopped pipeline waits here, in state `stopped`, until a resync is requested (true)
+    /// or the node stops leading or shuts down (false).
+    async fn wait_for_resync(&self, stop: &CancellationToken) -> bool {
+        loop {
+            if self.stats.take_resync_request() {
+                return true;
+            }
+            if !sleep_or_stop(stop, Duration::from_millis(200)).await {
+                return false;
             }
         }
     }
@@ -311,7 +365,7 @@ impl Pair {
 
     /// A checkpoint at the source's present, from a fresh stream's post-batch token.
     async fn capture_now(&self) -> Result<Checkpoint, PairError> {
-        let stream = self.coll().watch().await.map_err(source_err)?;
+        let stream = self.src(self.coll().watch().into_future()).await?;
         let token = stream.resume_token().ok_or_else(|| {
             PairError::Transient("source returned no resume token for a new change stream".into())
         })?;
@@ -347,24 +401,25 @@ impl Pair {
             after_filter(&after)
         };
         let coll = self.coll();
-        let total = coll
-            .count_documents(filter.clone())
-            .await
-            .map_err(source_err)?;
+        let total = self
+            .src(coll.count_documents(filter.clone()).into_future())
+            .await?;
         tracing::info!(follower = %self.name(), collection = %self.collection, total, resumed = after != Bson::Null, "initial sync: copying documents");
-        let mut cursor = coll
-            .find(filter)
-            .sort(doc! {"_id": 1})
-            .batch_size(self.config.replication.batch_max_docs.min(10_000) as u32)
-            .await
-            .map_err(source_err)?;
+        let mut cursor = self
+            .src(
+                coll.find(filter)
+                    .sort(doc! {"_id": 1})
+                    .batch_size(self.config.replication.batch_max_docs.min(10_000) as u32)
+                    .into_future(),
+            )
+            .await?;
         let started = Instant::now();
         let mut last_log = Instant::now();
         let mut done: u64 = 0;
         let mut ops = Vec::new();
         let max = self.config.replication.batch_max_docs;
         loop {
-            let next = cursor.try_next().await.map_err(source_err)?;
+            let next = self.src(cursor.try_next()).await?;
             let finished = next.is_none();
             if let Some(doc) = next {
                 let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
@@ -429,19 +484,20 @@ impl Pair {
             .client()
             .database(self.follower.data_db())
             .collection(&self.collection);
-        let mut cursor = fcoll
-            .find(doc! {})
-            .projection(doc! {"_id": 1})
-            .sort(doc! {"_id": 1})
-            .batch_size(1000)
-            .await
-            .map_err(|e| PairError::Transient(format!("follower: {}", describe(&e))))?;
+        let mut cursor = self
+            .fol(
+                fcoll
+                    .find(doc! {})
+                    .projection(doc! {"_id": 1})
+                    .sort(doc! {"_id": 1})
+                    .batch_size(1000)
+                    .into_future(),
+            )
+            .await?;
         let mut removed = 0;
         let mut chunk = Vec::new();
         loop {
-            let next = cursor.try_next().await.map_err(|e| {
-                PairError::Transient(format!("follower: {}", redact(&e.to_string())))
-            })?;
+            let next = self.fol(cursor.try_next()).await?;
             let finished = next.is_none();
             if let Some(d) = next {
                 if let Some(id) = d.get("_id") {
@@ -450,15 +506,17 @@ impl Pair {
             }
             if chunk.len() >= 1000 || (finished && !chunk.is_empty()) {
                 let ids = std::mem::take(&mut chunk);
-                let present: Vec<Bson> = self
-                    .coll()
-                    .find(crate::order::in_filter("_id", &ids))
-                    .projection(doc! {"_id": 1})
-                    .await
-                    .map_err(source_err)?
-                    .try_collect::<Vec<Document>>()
-                    .await
-                    .map_err(source_err)?
+                let found = self
+                    .src(async {
+                        self.coll()
+                            .find(crate::order::in_filter("_id", &ids))
+                            .projection(doc! {"_id": 1})
+                            .await?
+                            .try_collect::<Vec<Document>>()
+                            .await
+                    })
+                    .await?;
+                let present: Vec<Bson> = found
                     .into_iter()
                     .filter_map(|d| d.get("_id").cloned())
                     .collect();
@@ -561,13 +619,15 @@ impl Pair {
         let token: ResumeToken = mongodb::bson::from_document(start.token.clone())
             .map_err(|e| PairError::Fatal(format!("checkpoint token unreadable: {e}")))?;
         let stream = self
-            .coll()
-            .watch()
-            .full_document(FullDocumentType::UpdateLookup)
-            .start_after(token)
-            .max_await_time(MAX_AWAIT)
-            .await
-            .map_err(source_err)?;
+            .src(
+                self.coll()
+                    .watch()
+                    .full_document(FullDocumentType::UpdateLookup)
+                    .start_after(token)
+                    .max_await_time(MAX_AWAIT)
+                    .into_future(),
+            )
+            .await?;
         self.stats.set_state(PairState::CatchingUp, None);
         let (tx, mut rx) = mpsc::channel::<Item>(self.config.replication.batch_max_docs * 2);
         let reader = tokio::spawn(read_stream(stream, tx));
@@ -575,6 +635,11 @@ impl Pair {
 
         let max_docs = self.config.replication.batch_max_docs;
         let max_wait = self.config.replication.batch_max_wait;
+        let silence = self
+            .config
+            .replication
+            .write_timeout
+            .max(MAX_AWAIT * 4 + Duration::from_secs(1));
         let mut batch = Batch::new(start);
         let mut last_follower_cp = Instant::now();
         loop {
@@ -587,6 +652,14 @@ impl Pair {
                     biased;
                     _ = stop.cancelled() => return Ok(()),
                     item = rx.recv() => item,
+                    // The stream yields at least an idle token every MAX_AWAIT: silence this
+                    // long means the source (or the way to it) hangs.
+                    _ = tokio::time::sleep(silence) => {
+                        return Err(PairError::Transient(format!(
+                            "the source's change stream gave nothing for {}; reopening it",
+                            humantime::format_duration(silence)
+                        )));
+                    }
                 }
             } else {
                 let deadline = batch.opened + max_wait;
@@ -613,7 +686,7 @@ impl Pair {
                 Item::Event(ev) => {
                     let ev = *ev;
                     let invalidate = ev.operation_type == OperationType::Invalidate;
-                    if let Err(e) = self.add_event(&mut batch, ev) {
+                    if let Err(e) = self.add_event(&mut batch, ev).await {
                         // Apply what came before the event, then stop or resync.
                         self.flush(&mut batch, false).await?;
                         return Err(e);
@@ -658,7 +731,7 @@ impl Pair {
 
     /// Adds one event to the batch. On error the batch is left as it was before the event,
     /// so flushing it never checkpoints past the event that failed.
-    fn add_event(
+    async fn add_event(
         &self,
         batch: &mut Batch,
         ev: ChangeStreamEvent<Document>,
@@ -671,7 +744,31 @@ impl Pair {
         match ev.operation_type {
             OperationType::Insert | OperationType::Update | OperationType::Replace => {
                 match ev.full_document {
-                    Some(doc) => self.push_upsert(doc, &mut batch.ops)?,
+                    Some(doc) => {
+                        let id = doc.get("_id").cloned();
+                        match (self.push_upsert(doc, &mut batch.ops), id) {
+                            (Err(PairError::Fatal(msg)), Some(id)) => {
+                                // An insert event carries the document as it was inserted;
+                                // it may have been fixed on the source since. Go on with the
+                                // source's current version if that one is usable.
+                                match self
+                                    .src(
+                                        self.coll()
+                                            .find_one(crate::change::eq("_id", &id))
+                                            .into_future(),
+                                    )
+                                    .await?
+                                {
+                                    Some(current) => self
+                                        .push_upsert(current, &mut batch.ops)
+                                        .map_err(|_| PairError::Fatal(msg))?,
+                                    // Deleted since: its delete follows in the stream.
+                                    None => self.stats.skipped("gone"),
+                                }
+                            }
+                            (res, _) => res?,
+                        }
+                    }
                     None => self.stats.skipped("gone"),
                 }
             }

@@ -20,6 +20,9 @@ use crate::lease::{Authority, Lease};
 use crate::pipeline::{Exit, Pair};
 use crate::status::{LeaseView, NodeStatus};
 
+/// How long a shutting-down leader waits for the source to take its lease back.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How often the token file is written when checkpoints move.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -50,8 +53,7 @@ pub async fn run(
             Follower::new(
                 f,
                 &config.source.database,
-                &config.replication.state_database,
-                &config.replication.key_field,
+                &config.replication,
                 config.node_id(),
             )
             .await?,
@@ -75,7 +77,7 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
-    let http = tokio::spawn(crate::http::serve(
+    let mut http = tokio::spawn(crate::http::serve(
         listener,
         node.clone(),
         http_stop.clone(),
@@ -103,7 +105,13 @@ pub async fn run(
     let _ = flusher.await;
     store.flush().await?;
     http_stop.cancel();
-    let _ = http.await;
+    // Open keep-alive connections must not hold the exit.
+    if tokio::time::timeout(Duration::from_secs(2), &mut http)
+        .await
+        .is_err()
+    {
+        http.abort();
+    }
     tracing::info!("mongo-replicator stopped");
     result
 }
@@ -120,12 +128,19 @@ async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Resul
     loop {
         // Standby: poll until the lease is ours.
         let auth = loop {
-            match lease.try_acquire().await {
-                Ok(Some(a)) => break a,
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot reach the lease; staying standby"),
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                r = tokio::time::timeout(cfg.lease.ttl, lease.try_acquire()) => r,
+            };
+            match attempt {
+                Ok(Ok(Some(a))) => break a,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot reach the lease; staying standby"),
+                Err(_) => tracing::warn!(
+                    "the source did not answer the lease request in time; staying standby"
+                ),
             }
-            if let Ok((view, term)) = lease.view().await {
+            if let Ok(Ok((view, term))) = tokio::time::timeout(poll, lease.view()).await {
                 node.status.set_lease(view);
                 node.status.set_role(false, term);
             }
@@ -163,17 +178,34 @@ async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Resul
             tracing::warn!(term = auth.term(), reason = %reason, "stepping down to standby");
         }
         pipes_stop.cancel();
-        while pipes.join_next().await.is_some() {}
+        // Each pipeline applies and acknowledges its batch in flight, within the lease ttl
+        // (the same bound as a crash); one stuck on a hung server is abandoned: its checkpoint
+        // did not move, so the next leader replays that batch.
+        let drained = tokio::time::timeout(cfg.lease.ttl, async {
+            while pipes.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                pipelines = pipes.len(),
+                "pipelines did not finish their batch within the lease ttl; abandoning them (their checkpoints did not move, nothing is lost)"
+            );
+            pipes.abort_all();
+            while pipes.join_next().await.is_some() {}
+        }
         if let Err(e) = node.store.flush().await {
             tracing::error!(error = %e, "checkpoint flush failed");
         }
         node.status.set_role(false, auth.term());
         match outcome {
             Outcome::Shutdown => {
-                match lease.release(&auth).await {
-                    Ok(()) => tracing::info!(term = auth.term(), "lease released"),
-                    Err(e) => {
+                match tokio::time::timeout(RELEASE_TIMEOUT, lease.release(&auth)).await {
+                    Ok(Ok(())) => tracing::info!(term = auth.term(), "lease released"),
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, "could not release the lease; it expires after its ttl")
+                    }
+                    Err(_) => {
+                        tracing::warn!("the source did not answer the lease release in time; the lease expires after its ttl")
                     }
                 }
                 return Ok(());

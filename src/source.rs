@@ -28,7 +28,25 @@ pub async fn client(uri: &str, what: &str) -> anyhow::Result<Client> {
     if opts.connect_timeout.is_none() {
         opts.connect_timeout = Some(Duration::from_secs(5));
     }
-    Client::with_options(opts).map_err(|e| anyhow::anyhow!("{what}: {}", redact(&e.to_string())))
+    let client = Client::with_options(opts)
+        .map_err(|e| anyhow::anyhow!("{what}: {}", redact(&e.to_string())))?;
+    CLIENTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(client.clone());
+    Ok(client)
+}
+
+/// Every client this process made, so that [`shutdown_clients`] can close them.
+static CLIENTS: std::sync::Mutex<Vec<Client>> = std::sync::Mutex::new(Vec::new());
+
+/// Closes every client before the runtime ends. Without it, the driver's background tasks
+/// may find their channels gone while the runtime shuts down, and panic at exit.
+pub async fn shutdown_clients() {
+    let clients = std::mem::take(&mut *CLIENTS.lock().unwrap_or_else(|e| e.into_inner()));
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.shutdown().immediate(true)).await;
+    }
 }
 
 /// Why the source cannot be used.

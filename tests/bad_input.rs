@@ -98,6 +98,37 @@ fn malformed_configs_exit_2_naming_the_problem() {
             format!("{GOOD}\n[lease]\nttl = \"4s\"\nrenew_interval = \"3s\"\n"),
             "lease.ttl",
         ),
+        (
+            // At or below the step-down margin a leader would never be valid, and flap.
+            "lease below its margin",
+            format!("{GOOD}\n[lease]\nttl = \"150ms\"\nrenew_interval = \"50ms\"\n"),
+            "lease.ttl",
+        ),
+        (
+            "huge duration",
+            format!("{GOOD}\n[lease]\nttl = \"500000000years\"\n"),
+            "lease.ttl",
+        ),
+        (
+            "huge write timeout",
+            format!("{GOOD}\n[replication]\nwrite_timeout = \"99999999999999d\"\n"),
+            "replication.write_timeout",
+        ),
+        (
+            "bad byte size",
+            format!("{GOOD}\n[replication]\nbatch_max_bytes = \"lots\"\n"),
+            "replication.batch_max_bytes",
+        ),
+        (
+            "tiny batch bytes",
+            format!("{GOOD}\n[replication]\nbatch_max_bytes = \"10KB\"\n"),
+            "replication.batch_max_bytes",
+        ),
+        (
+            "bad rejection policy",
+            format!("{GOOD}\n[replication]\non_rejected = \"ignore\"\n"),
+            "replication.on_rejected",
+        ),
     ];
     for (what, text, needle) in cases {
         let path = dir.path().join("c.toml");

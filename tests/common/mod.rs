@@ -269,6 +269,24 @@ impl Server {
         }
     }
 
+    /// SIGSTOP: the server hangs, neither answering nor closing connections.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGSTOP);
+            }
+        }
+    }
+
+    /// SIGCONT after [`Server::pause`].
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGCONT);
+            }
+        }
+    }
+
     /// The server's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
