@@ -240,6 +240,13 @@ pub fn coalesce(ops: Vec<Op>) -> Coalesced {
 pub struct Plan {
     pub deletes: Vec<Document>,
     pub upserts: Vec<Document>,
+    /// For each delete statement, the index of the op it belongs to (for a careful plan's
+    /// removal of blocking documents, the upsert it makes room for).
+    pub delete_ops: Vec<usize>,
+    /// For each upsert statement, the index of its op.
+    pub upsert_ops: Vec<usize>,
+    /// Built by the careful plan.
+    pub careful: bool,
 }
 
 impl Plan {
@@ -249,10 +256,16 @@ impl Plan {
     /// older incarnation of the key). The fast plan is tried first; the careful one only
     /// when the follower reports such a conflict.
     pub fn build(ops: &[Op], key_field: &str, careful: bool) -> Plan {
-        let mut plan = Plan::default();
-        for op in ops {
+        let mut plan = Plan {
+            careful,
+            ..Plan::default()
+        };
+        for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::Delete { id } => plan.deletes.push(doc! {"q": eq("_id", id), "limit": 1}),
+                Op::Delete { id } => {
+                    plan.deletes.push(doc! {"q": eq("_id", id), "limit": 1});
+                    plan.delete_ops.push(i);
+                }
                 Op::Upsert { id, key, doc } => {
                     // Values are matched with `$eq`: a key is data, never a query.
                     let q = match key {
@@ -271,10 +284,12 @@ impl Plan {
                                 ]},
                                 "limit": 0,
                             });
+                            plan.delete_ops.push(i);
                         }
                     }
                     plan.upserts
                         .push(doc! {"q": q, "u": doc.clone(), "upsert": true, "multi": false});
+                    plan.upsert_ops.push(i);
                 }
             }
         }

@@ -111,6 +111,11 @@ pub struct PairReport {
     /// out.
     pub source_without_key: u64,
     pub follower_without_key: u64,
+    /// Documents the follower refused for good, recorded in its quarantine by the
+    /// replicator (see `replication.on_rejected`); a difference until repaired.
+    pub quarantined: u64,
+    /// Their keys (or `_id`s for documents without a key), with the follower's error.
+    pub samples_quarantined: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repaired: Option<RepairReport>,
     pub seconds: f64,
@@ -121,11 +126,15 @@ pub struct RepairReport {
     pub upserted: u64,
     pub deleted: u64,
     pub rounds: u32,
+    /// Quarantined documents retried that now apply (their records are removed).
+    pub quarantine_cleared: u64,
+    /// Quarantined documents the follower still refuses.
+    pub quarantine_refused: u64,
 }
 
 impl PairReport {
     pub fn consistent(&self) -> bool {
-        self.missing == 0 && self.extra == 0 && self.different == 0
+        self.missing == 0 && self.extra == 0 && self.different == 0 && self.quarantined == 0
     }
 }
 
@@ -215,6 +224,7 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                     .database(&config.source.database)
                     .collection(coll),
                 key: config.replication.key_field.clone(),
+                missing_key: config.replication.missing_key,
                 state_db: config.replication.state_database.clone(),
                 args: args.clone(),
                 label: format!("{coll} -> {}", f.name),
@@ -224,6 +234,9 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                 // Writes may race the repair (the replicator runs on); each round rewrites
                 // what still differs from the source's current documents, then checks.
                 let mut total = RepairReport::default();
+                if report.quarantined > 0 {
+                    checker.repair_quarantine(&mut total).await?;
+                }
                 for round in 1..=3 {
                     let r = checker.repair(&keys).await?;
                     total.upserted += r.upserted;
@@ -265,6 +278,7 @@ struct Checker {
     src: Collection<Document>,
     fol: Collection<Document>,
     key: String,
+    missing_key: crate::config::MissingKey,
     state_db: String,
     args: CheckArgs,
     label: String,
@@ -457,6 +471,7 @@ impl Checker {
         progress.done(report.checked);
         report.source_without_key += src.unusable;
         report.follower_without_key += fol.unusable;
+        self.read_quarantine(&mut report).await?;
 
         // Pass 2: descend into the differing ranges.
         tracing::debug!(pair = %self.label, ranges = report.ranges, differing = differing.len(), "comparing differing ranges");
@@ -755,6 +770,140 @@ impl Checker {
             .map_err(|e| cannot_run(what, e))
     }
 
+    fn quarantine(&self) -> Collection<Document> {
+        self.fol
+            .client()
+            .database(&self.state_db)
+            .collection(crate::follower::QUARANTINE_COLLECTION)
+    }
+
+    fn ns(&self) -> String {
+        format!("{}.{}", self.fol.namespace().db, self.fol.name())
+    }
+
+    /// Counts the follower's quarantine records of this collection, with samples.
+    async fn read_quarantine(&self, report: &mut PairReport) -> Result<(), CheckError> {
+        let filter = doc! {"_id.ns": {"$eq": self.ns()}};
+        report.quarantined = self
+            .quarantine()
+            .count_documents(filter.clone())
+            .await
+            .map_err(|e| cannot_run("follower", e))?;
+        if report.quarantined > 0 {
+            let docs: Vec<Document> = self
+                .quarantine()
+                .find(filter)
+                .limit(self.args.samples as i64)
+                .await
+                .map_err(|e| cannot_run("follower", e))?
+                .try_collect()
+                .await
+                .map_err(|e| cannot_run("follower", e))?;
+            report.samples_quarantined = docs
+                .iter()
+                .map(|d| {
+                    let what = match d.get("key") {
+                        Some(Bson::Null) | None => format!(
+                            "_id {}",
+                            d.get_document("_id")
+                                .ok()
+                                .and_then(|i| i.get("id"))
+                                .unwrap_or(&Bson::Null)
+                        ),
+                        Some(k) => k.to_string(),
+                    };
+                    format!("{what} ({})", d.get_str("error").unwrap_or("?"))
+                })
+                .collect();
+        }
+        Ok(())
+    }
+
+    /// Retries each quarantined document from the source's current version; removes the
+    /// records of those that now apply (or that the source no longer has).
+    async fn repair_quarantine(&self, r: &mut RepairReport) -> Result<(), CheckError> {
+        let records: Vec<Document> = self
+            .quarantine()
+            .find(doc! {"_id.ns": {"$eq": self.ns()}})
+            .await
+            .map_err(|e| cannot_run("follower", e))?
+            .try_collect()
+            .await
+            .map_err(|e| cannot_run("follower", e))?;
+        for rec in records {
+            let Some(rid) = rec.get_document("_id").ok().cloned() else {
+                continue;
+            };
+            let id = rid.get("id").cloned().unwrap_or(Bson::Null);
+            let by_id = crate::change::eq("_id", &id);
+            let current = self
+                .src
+                .find_one(by_id.clone())
+                .await
+                .map_err(|e| cannot_run("source", e))?;
+            let outcome = match current {
+                None => self.fol.delete_one(by_id.clone()).await.map(|d| {
+                    r.deleted += d.deleted_count;
+                }),
+                Some(doc) => match crate::change::upsert_for(doc, &self.key, self.missing_key) {
+                    Ok(Ok(crate::change::Op::Upsert {
+                        key: Some(k), doc, ..
+                    })) => self.write_keyed(&id, &k, doc, r).await,
+                    Ok(Ok(crate::change::Op::Upsert { doc, .. })) => self
+                        .fol
+                        .replace_one(by_id.clone(), doc)
+                        .upsert(true)
+                        .await
+                        .map(|_| r.upserted += 1),
+                    // Skipped by policy: it does not belong on the follower.
+                    _ => self.fol.delete_one(by_id.clone()).await.map(|d| {
+                        r.deleted += d.deleted_count;
+                    }),
+                },
+            };
+            match outcome {
+                Ok(()) => {
+                    self.quarantine()
+                        .delete_one(doc! {"_id": {"$eq": rid}})
+                        .await
+                        .map_err(|e| cannot_run("follower", e))?;
+                    r.quarantine_cleared += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(pair = %self.label, id = %id, error = %crate::source::describe(&e), "the follower still refuses this quarantined document");
+                    r.quarantine_refused += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `doc` under key `k`, first removing follower documents that would block it.
+    async fn write_keyed(
+        &self,
+        id: &Bson,
+        k: &Bson,
+        doc: Document,
+        r: &mut RepairReport,
+    ) -> Result<(), mongodb::error::Error> {
+        let mut other_id = crate::change::key_eq(&self.key, k);
+        other_id.insert("_id", doc! {"$ne": id.clone()});
+        let del = self
+            .fol
+            .delete_many(doc! {"$or": [
+                {"_id": {"$eq": id.clone()}, "$nor": [crate::change::key_eq(&self.key, k)]},
+                other_id,
+            ]})
+            .await?;
+        r.deleted += del.deleted_count;
+        self.fol
+            .replace_one(crate::change::key_eq(&self.key, k), doc)
+            .upsert(true)
+            .await?;
+        r.upserted += 1;
+        Ok(())
+    }
+
     /// Rewrites each key on the follower from the source's current documents.
     async fn repair(&self, keys: &[Bson]) -> Result<RepairReport, CheckError> {
         let mut r = RepairReport::default();
@@ -902,11 +1051,24 @@ pub fn render(report: &Report, repair: bool) -> String {
                 p.source_without_key, p.follower_without_key
             ));
         }
+        if p.quarantined > 0 {
+            out.push_str(&format!(
+                "  quarantined on the follower (refused for good; `--repair` retries them): {}: {}\n",
+                p.quarantined,
+                p.samples_quarantined.join(", ")
+            ));
+        }
         if let Some(r) = &p.repaired {
             out.push_str(&format!(
                 "  repaired: {} upserted, {} deleted in {} round(s)\n",
                 r.upserted, r.deleted, r.rounds
             ));
+            if r.quarantine_cleared > 0 || r.quarantine_refused > 0 {
+                out.push_str(&format!(
+                    "  quarantine: {} now applied, {} still refused\n",
+                    r.quarantine_cleared, r.quarantine_refused
+                ));
+            }
         }
     }
     out.push_str(if report.consistent {

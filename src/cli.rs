@@ -72,8 +72,8 @@ pub fn render_status(r: &StatusReport) -> String {
         _ => out.push_str("  lease free\n"),
     }
     out.push_str(&format!(
-        "{:<16} {:<14} {:>12} {:>10} {:>18}  {}\n",
-        "FOLLOWER", "STATE", "APPLIED", "LAG_MS", "CHECKPOINT_AGE_MS", "LAST_ERROR"
+        "{:<16} {:<14} {:>12} {:>10} {:>18} {:>11}  {}\n",
+        "FOLLOWER", "STATE", "APPLIED", "LAG_MS", "CHECKPOINT_AGE_MS", "QUARANTINED", "LAST_ERROR"
     ));
     for f in &r.followers {
         let state = serde_json::to_value(f.state)
@@ -81,12 +81,13 @@ pub fn render_status(r: &StatusReport) -> String {
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         out.push_str(&format!(
-            "{:<16} {:<14} {:>12} {:>10} {:>18}  {}\n",
+            "{:<16} {:<14} {:>12} {:>10} {:>18} {:>11}  {}\n",
             f.name,
             state,
             f.applied_events,
             opt(f.lag_ms),
             opt(f.checkpoint_age_ms),
+            f.quarantined,
             f.last_error.as_deref().unwrap_or("-")
         ));
     }

@@ -30,10 +30,12 @@ use mongodb::{Client, ClientSession};
 
 use crate::change::{eq, Op, Plan};
 use crate::checkpoint::{now_ms, Checkpoint};
-use crate::config::{FollowerConfig, ReplicationConfig};
+use crate::config::{FollowerConfig, OnRejected, ReplicationConfig};
 
 pub const FENCE_COLLECTION: &str = "fence";
 pub const CHECKPOINT_COLLECTION: &str = "checkpoints";
+/// Documents a follower refused for good, one record per (pipeline, source `_id`).
+pub const QUARANTINE_COLLECTION: &str = "quarantine";
 const WRITER_SESSIONS_COLLECTION: &str = "writer_sessions";
 /// Statements are split into commands of at most this many bytes, below the 16 MiB limit.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
@@ -53,6 +55,9 @@ pub enum ApplyError {
     /// The follower cannot run transactions and unfenced writes were not accepted.
     #[error("follower `{0}` cannot run transactions (it is not a replica set), so its writes could not be fenced or committed with their checkpoint; make it a replica set (one node is enough), or set followers[].allow_unfenced_writes = true to accept that risk")]
     Unfenced(String),
+    /// A document the follower refuses for good, under `on_rejected = "stop"`.
+    #[error("{0}")]
+    Refused(String),
     /// A write the follower refused (not a connection problem).
     #[error("follower rejected a write: {0}")]
     Rejected(String),
@@ -83,6 +88,40 @@ impl From<mongodb::error::Error> for ApplyError {
 /// change `_id` (66).
 fn is_conflict(code: i32) -> bool {
     code == 11000 || code == 66
+}
+
+/// One batch for [`Follower::apply`].
+pub struct Write<'a> {
+    pub collection: &'a str,
+    pub ops: &'a [Op],
+    /// The checkpoint the batch leaves.
+    pub next: Next<'a>,
+    pub term: i64,
+    /// The checkpoint revision the follower must still hold.
+    pub expect: &'a Rev,
+    /// The pipeline has quarantined documents: remove the records of those this batch
+    /// writes or deletes.
+    pub clear_quarantine: bool,
+}
+
+/// What [`Follower::apply`] did.
+#[derive(Debug)]
+pub struct Applied {
+    /// The follower's new checkpoint revision.
+    pub rev: Rev,
+    /// Documents the follower refused for good, now in its quarantine.
+    pub quarantined: Vec<Quarantined>,
+    /// Quarantine records removed because this batch wrote or deleted their documents.
+    pub cleared: u64,
+}
+
+/// A document the follower refused for good.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub id: Bson,
+    pub key: Option<Bson>,
+    pub code: i32,
+    pub error: String,
 }
 
 /// The revision of a pipeline's checkpoint on a follower.
@@ -141,6 +180,7 @@ pub struct Follower {
     key_field: String,
     node_id: String,
     allow_unfenced: bool,
+    on_rejected: OnRejected,
     /// The time limit of every call to this follower (`replication.write_timeout`).
     timeout: std::time::Duration,
     /// 0 unknown, 1 transactions, 2 no transactions.
@@ -174,6 +214,7 @@ impl Follower {
             node_id: node_id.to_string(),
             allow_unfenced: cfg.allow_unfenced_writes,
             timeout: replication.write_timeout,
+            on_rejected: replication.on_rejected,
             txn_support: AtomicU8::new(0),
             state_ready: std::sync::atomic::AtomicBool::new(false),
             incarnation: ObjectId::new().to_hex(),
@@ -252,47 +293,61 @@ impl Follower {
         }
     }
 
-    /// Applies one coalesced batch and leaves `next` as the pipeline's checkpoint, fenced by
-    /// `term`, provided the follower still holds checkpoint revision `expect`. Returns the
-    /// new revision. Idempotent: replaying a batch leaves the same state.
-    pub async fn apply(
-        &self,
-        collection: &str,
-        ops: &[Op],
-        next: Next<'_>,
-        term: i64,
-        expect: &Rev,
-    ) -> Result<Rev, ApplyError> {
-        self.timed(
-            "batch",
-            self.apply_inner(collection, ops, next, term, expect),
-        )
-        .await
+    /// Applies one coalesced batch and leaves `w.next` as the pipeline's checkpoint, fenced
+    /// by `w.term`, provided the follower still holds checkpoint revision `w.expect`.
+    /// Idempotent: replaying a batch leaves the same state. A document the follower refuses
+    /// for good ([`is_permanent_rejection`]) is quarantined in the same transaction under
+    /// `on_rejected = "quarantine"`, and the rest of the batch applies.
+    pub async fn apply(&self, w: &Write<'_>) -> Result<Applied, ApplyError> {
+        self.timed("batch", self.apply_inner(w)).await
     }
 
-    async fn apply_inner(
-        &self,
-        collection: &str,
-        ops: &[Op],
-        next: Next<'_>,
-        term: i64,
-        expect: &Rev,
-    ) -> Result<Rev, ApplyError> {
-        if !self.supports_transactions().await? {
-            if !self.allow_unfenced {
-                return Err(ApplyError::Unfenced(self.name.clone()));
-            }
-            return self.apply_plain(collection, ops, next, term, expect).await;
+    async fn apply_inner(&self, w: &Write<'_>) -> Result<Applied, ApplyError> {
+        let txn = self.supports_transactions().await?;
+        if !txn && !self.allow_unfenced {
+            return Err(ApplyError::Unfenced(self.name.clone()));
         }
+        let mut ops: std::borrow::Cow<'_, [Op]> = std::borrow::Cow::Borrowed(w.ops);
+        let mut quarantined: Vec<Quarantined> = Vec::new();
         let mut careful = false;
         let mut attempt = 0;
         loop {
-            match self
-                .apply_in_txn(collection, ops, next, term, expect, careful)
-                .await
-            {
-                Ok(rev) => return Ok(rev),
+            let res = if txn {
+                self.apply_in_txn(w, &ops, &quarantined, careful).await
+            } else {
+                self.apply_plain(w, &ops, &quarantined, careful).await
+            };
+            match res {
+                Ok((rev, cleared)) => {
+                    return Ok(Applied {
+                        rev,
+                        quarantined,
+                        cleared,
+                    })
+                }
                 Err(TxnErr::Conflict(_)) if !careful => careful = true,
+                Err(TxnErr::Rejected { op, code, msg }) => {
+                    let Some(bad) = ops.get(op).cloned() else {
+                        return Err(ApplyError::Rejected(msg));
+                    };
+                    if self.on_rejected == OnRejected::Stop {
+                        return Err(ApplyError::Refused(format!(
+                            "follower refused the document with _id {} for good: {msg}; on_rejected = \"stop\" (fix the document or the follower, then resync)",
+                            bad.id()
+                        )));
+                    }
+                    let key = match &bad {
+                        Op::Upsert { key, .. } => key.clone(),
+                        Op::Delete { .. } => None,
+                    };
+                    quarantined.push(Quarantined {
+                        id: bad.id().clone(),
+                        key,
+                        code,
+                        error: msg,
+                    });
+                    ops.to_mut().remove(op);
+                }
                 Err(TxnErr::Apply(ApplyError::TransientTxn(msg))) => {
                     attempt += 1;
                     if attempt >= TRANSIENT_TXN_RETRIES {
@@ -300,7 +355,7 @@ impl Follower {
                             "transaction failed {attempt} times with a transient error: {msg}"
                         )));
                     }
-                    tracing::debug!(follower = %self.name, collection, attempt, error = %msg, "transient transaction error; retrying in place");
+                    tracing::debug!(follower = %self.name, collection = w.collection, attempt, error = %msg, "transient transaction error; retrying in place");
                 }
                 Err(e) => return Err(e.into_apply()),
             }
@@ -310,27 +365,28 @@ impl Follower {
     /// One attempt in one transaction; `careful` selects the plan (see [`Plan::build`]).
     async fn apply_in_txn(
         &self,
-        collection: &str,
+        w: &Write<'_>,
         ops: &[Op],
-        next: Next<'_>,
-        term: i64,
-        expect: &Rev,
+        quarantined: &[Quarantined],
         careful: bool,
-    ) -> Result<Rev, TxnErr> {
-        let mut session = self.session(collection, term).await?;
+    ) -> Result<(Rev, u64), TxnErr> {
+        let mut session = self.session(w.collection, w.term).await?;
         let res = self
-            .txn_in_session(&mut session, collection, ops, next, term, expect, careful)
+            .txn_in_session(&mut session, w, ops, quarantined, careful)
             .await;
         let reusable = matches!(
             res,
-            Ok(_) | Err(TxnErr::Apply(ApplyError::TransientTxn(_))) | Err(TxnErr::Conflict(_))
+            Ok(_)
+                | Err(TxnErr::Apply(ApplyError::TransientTxn(_)))
+                | Err(TxnErr::Conflict(_))
+                | Err(TxnErr::Rejected { .. })
         );
         if reusable {
             // Only a session whose last transaction ended (committed or aborted) is reused.
             self.sessions
                 .lock()
                 .await
-                .insert(collection.to_string(), session);
+                .insert(w.collection.to_string(), session);
         }
         res
     }
@@ -426,35 +482,38 @@ impl Follower {
         Ok(lsids.len())
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn txn_in_session(
         &self,
         session: &mut ClientSession,
-        collection: &str,
+        w: &Write<'_>,
         ops: &[Op],
-        next: Next<'_>,
-        term: i64,
-        expect: &Rev,
+        quarantined: &[Quarantined],
         careful: bool,
-    ) -> Result<Rev, TxnErr> {
+    ) -> Result<(Rev, u64), TxnErr> {
         session
             .start_transaction()
             .write_concern(durable(self.timeout))
             .await
             .map_err(apply_err)?;
-        // Fence first, then the data, then the checkpoint: all or nothing.
+        // Fence first, then the data and the quarantine, then the checkpoint: all or nothing.
         let body = async {
-            self.raise_fence(Some(&mut *session), collection, term)
+            self.raise_fence(Some(&mut *session), w.collection, w.term)
                 .await?;
             let plan = Plan::build(ops, &self.key_field, careful);
-            self.run_plan(Some(&mut *session), collection, &plan)
+            self.run_plan(Some(&mut *session), w.collection, &plan)
                 .await?;
-            self.store_checkpoint(Some(&mut *session), collection, next, term, expect)
+            let cleared = self
+                .record_quarantine(Some(&mut *session), w, ops, quarantined)
                 .await
-                .map_err(TxnErr::Apply)
+                .map_err(TxnErr::Apply)?;
+            let rev = self
+                .store_checkpoint(Some(&mut *session), w.collection, w.next, w.term, w.expect)
+                .await
+                .map_err(TxnErr::Apply)?;
+            Ok::<_, TxnErr>((rev, cleared))
         };
-        let rev = match body.await {
-            Ok(rev) => rev,
+        let out = match body.await {
+            Ok(out) => out,
             Err(e) => {
                 let _ = session.abort_transaction().await;
                 return Err(e);
@@ -464,7 +523,7 @@ impl Follower {
         let mut retried = false;
         loop {
             match session.commit_transaction().await {
-                Ok(()) => return Ok(rev),
+                Ok(()) => return Ok(out),
                 Err(e)
                     if !retried
                         && e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT) =>
@@ -472,7 +531,7 @@ impl Follower {
                     retried = true;
                 }
                 Err(e) => {
-                    if let Some(fenced) = self.fenced_error(collection, term).await {
+                    if let Some(fenced) = self.fenced_error(w.collection, w.term).await {
                         return Err(TxnErr::Apply(fenced));
                     }
                     return Err(apply_err(e));
@@ -481,32 +540,106 @@ impl Follower {
         }
     }
 
-    /// Fence, data and checkpoint as three writes, for followers without transactions whose
-    /// config accepts that (`allow_unfenced_writes`).
+    /// Fence, data, quarantine and checkpoint as separate writes, for followers without
+    /// transactions whose config accepts that (`allow_unfenced_writes`).
     async fn apply_plain(
         &self,
-        collection: &str,
+        w: &Write<'_>,
         ops: &[Op],
-        next: Next<'_>,
-        term: i64,
-        expect: &Rev,
-    ) -> Result<Rev, ApplyError> {
-        self.raise_fence(None, collection, term)
+        quarantined: &[Quarantined],
+        careful: bool,
+    ) -> Result<(Rev, u64), TxnErr> {
+        self.raise_fence(None, w.collection, w.term).await?;
+        let plan = Plan::build(ops, &self.key_field, careful);
+        self.run_plan(None, w.collection, &plan).await?;
+        let cleared = self
+            .record_quarantine(None, w, ops, quarantined)
             .await
-            .map_err(TxnErr::into_apply)?;
-        let plan = Plan::build(ops, &self.key_field, false);
-        match self.run_plan(None, collection, &plan).await {
-            Ok(()) => {}
-            Err(TxnErr::Conflict(_)) => {
-                let plan = Plan::build(ops, &self.key_field, true);
-                self.run_plan(None, collection, &plan)
-                    .await
-                    .map_err(TxnErr::into_apply)?;
+            .map_err(TxnErr::Apply)?;
+        let rev = self
+            .store_checkpoint(None, w.collection, w.next, w.term, w.expect)
+            .await
+            .map_err(TxnErr::Apply)?;
+        Ok((rev, cleared))
+    }
+
+    /// Writes the quarantine records of this batch and, when the pipeline has quarantined
+    /// documents, removes the records of documents this batch did write or delete (they
+    /// are in line with the source again). Returns how many records were removed.
+    async fn record_quarantine(
+        &self,
+        mut session: Option<&mut ClientSession>,
+        w: &Write<'_>,
+        ops: &[Op],
+        quarantined: &[Quarantined],
+    ) -> Result<u64, ApplyError> {
+        let ns = self.pipeline_id(w.collection);
+        let mut cleared = 0;
+        if w.clear_quarantine && !ops.is_empty() {
+            let ids: Vec<Bson> = ops
+                .iter()
+                .map(|op| Bson::Document(quarantine_id(&ns, op.id())))
+                .collect();
+            for chunk in ids.chunks(10_000) {
+                let cmd = doc! {
+                    "delete": QUARANTINE_COLLECTION,
+                    "deletes": [{"q": {"_id": {"$in": chunk.to_vec()}}, "limit": 0}],
+                };
+                let res = self
+                    .command(&self.state_db, cmd, session.as_deref_mut())
+                    .await?;
+                cleared += res.get("n").and_then(bson_i64).unwrap_or(0) as u64;
             }
-            Err(TxnErr::Apply(e)) => return Err(e),
         }
-        self.store_checkpoint(None, collection, next, term, expect)
-            .await
+        if quarantined.is_empty() {
+            return Ok(cleared);
+        }
+        let cluster_time = match w.next {
+            Next::At(cp) => cp.cluster_time.map(Bson::Timestamp),
+            Next::Resync => None,
+        }
+        .unwrap_or(Bson::Null);
+        let updates: Vec<Document> = quarantined
+            .iter()
+            .map(|q| {
+                let id = quarantine_id(&ns, &q.id);
+                doc! {
+                    "q": {"_id": {"$eq": id.clone()}},
+                    "u": {
+                        "_id": id,
+                        "collection": w.collection,
+                        "key": q.key.clone().unwrap_or(Bson::Null),
+                        "error": &q.error,
+                        "code": q.code,
+                        "cluster_time": cluster_time.clone(),
+                        "at": mongodb::bson::DateTime::now(),
+                        "node": &self.node_id,
+                        "term": w.term,
+                    },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let cmd = doc! {"update": QUARANTINE_COLLECTION, "updates": updates};
+        let res = self.command(&self.state_db, cmd, session).await?;
+        if let Some((_, _, msg)) = first_write_error(&res) {
+            return Err(ApplyError::Rejected(format!("quarantine write: {msg}")));
+        }
+        Ok(cleared)
+    }
+
+    /// How many documents of `collection` are in this follower's quarantine.
+    pub async fn quarantine_count(&self, collection: &str) -> Result<u64, ApplyError> {
+        let ns = self.pipeline_id(collection);
+        self.timed("quarantine count", async {
+            Ok(self
+                .client
+                .database(&self.state_db)
+                .collection::<Document>(QUARANTINE_COLLECTION)
+                .count_documents(doc! {"_id.ns": {"$eq": ns}})
+                .await?)
+        })
+        .await
     }
 
     /// Runs a command, in the session when one is given.
@@ -560,6 +693,7 @@ impl Follower {
             FENCE_COLLECTION,
             CHECKPOINT_COLLECTION,
             WRITER_SESSIONS_COLLECTION,
+            QUARANTINE_COLLECTION,
         ] {
             match self
                 .command(&self.state_db, doc! {"create": name}, None)
@@ -597,7 +731,7 @@ impl Follower {
             .command(&self.state_db, cmd, session)
             .await
             .map_err(TxnErr::Apply)?;
-        if let Some((code, msg)) = first_write_error(&res) {
+        if let Some((_, code, msg)) = first_write_error(&res) {
             if code == 11000 {
                 let their_term = self.fence_term(collection).await.unwrap_or(term + 1);
                 return Err(TxnErr::Apply(ApplyError::Fenced {
@@ -638,21 +772,25 @@ impl Follower {
         collection: &str,
         plan: &Plan,
     ) -> Result<(), TxnErr> {
-        for chunk in chunks(&plan.deletes) {
+        for (start, chunk) in chunks(&plan.deletes) {
             let cmd = doc! {"delete": collection, "deletes": chunk, "ordered": true};
             let res = self
                 .command(&self.data_db, cmd, session.as_deref_mut())
                 .await
                 .map_err(TxnErr::Apply)?;
-            check_write_result(&res)?;
+            check_write_result(&res, plan.careful, |i| {
+                plan.delete_ops.get(start + i).copied()
+            })?;
         }
-        for chunk in chunks(&plan.upserts) {
+        for (start, chunk) in chunks(&plan.upserts) {
             let cmd = doc! {"update": collection, "updates": chunk, "ordered": true};
             let res = self
                 .command(&self.data_db, cmd, session.as_deref_mut())
                 .await
                 .map_err(TxnErr::Apply)?;
-            check_write_result(&res)?;
+            check_write_result(&res, plan.careful, |i| {
+                plan.upsert_ops.get(start + i).copied()
+            })?;
         }
         Ok(())
     }
@@ -705,7 +843,7 @@ impl Follower {
             }
         };
         let res = self.command(&self.state_db, cmd, session).await?;
-        if let Some((code, msg)) = first_write_error(&res) {
+        if let Some((_, code, msg)) = first_write_error(&res) {
             if code == 11000 {
                 return Err(ApplyError::Moved(collection.to_string()));
             }
@@ -806,8 +944,14 @@ fn apply_err(e: mongodb::error::Error) -> TxnErr {
 }
 
 enum TxnErr {
-    /// A duplicate-key conflict that the careful plan resolves.
+    /// A duplicate-key conflict that the careful plan may resolve.
     Conflict(String),
+    /// The follower refused op `op` for good (see [`is_permanent_rejection`]).
+    Rejected {
+        op: usize,
+        code: i32,
+        msg: String,
+    },
     Apply(ApplyError),
 }
 
@@ -817,23 +961,65 @@ impl TxnErr {
             TxnErr::Conflict(msg) => ApplyError::Rejected(format!(
                 "conflict on the follower that clearing blocking documents did not resolve: {msg}"
             )),
+            TxnErr::Rejected { msg, .. } => ApplyError::Rejected(msg),
             TxnErr::Apply(e) => e,
         }
     }
 }
 
-fn first_write_error(res: &Document) -> Option<(i32, String)> {
+/// The first write error of a command's reply: statement index, code, message.
+fn first_write_error(res: &Document) -> Option<(usize, i32, String)> {
     let errs = res.get_array("writeErrors").ok()?;
     let e = errs.first()?.as_document()?;
+    let index = e.get("index").and_then(bson_i64).unwrap_or(0).max(0) as usize;
     let code = e.get("code").and_then(bson_i64).unwrap_or(0) as i32;
     let msg = e.get_str("errmsg").unwrap_or("unknown write error");
-    Some((code, format!("{msg} (code {code})")))
+    Some((index, code, format!("{msg} (code {code})")))
 }
 
-fn check_write_result(res: &Document) -> Result<(), TxnErr> {
-    if let Some((code, msg)) = first_write_error(res) {
-        if is_conflict(code) {
+/// Write errors that say this document can never be written to this follower as it is, so
+/// retrying the batch would stall the pipeline for good. Everything else (network errors,
+/// elections, write conflicts, timeouts, `Unauthorized`, a full disk) is transient: the batch
+/// is retried with a backoff and the follower shows `down`.
+///
+/// | code | name | typical cause |
+/// |---|---|---|
+/// | 2 | BadValue | a value the follower cannot store |
+/// | 9 | FailedToParse | a field name older servers refuse |
+/// | 14 | TypeMismatch | a field the follower's schema types otherwise |
+/// | 22 | InvalidBSON | |
+/// | 28 | PathNotViable | |
+/// | 52 | DollarPrefixedFieldName | a top-level `$` field in a replacement |
+/// | 56 | EmptyFieldName | |
+/// | 121 | DocumentValidationFailure | the follower's validator |
+/// | 171 | CannotIndexParallelArrays | the follower's compound index over two arrays |
+/// | 10334 | BSONObjectTooLarge | |
+/// | 16755 | (geo) cannot extract geo keys | the follower's 2dsphere index |
+/// | 17280 | KeyTooLong | an index key too large (older servers) |
+/// | 17419 | document too large after the update | |
+/// | 11000, 66 | DuplicateKey, ImmutableField | only after the careful retry has removed the blocking key and `_id`: another unique index on the follower |
+pub fn is_permanent_rejection(code: i32) -> bool {
+    matches!(
+        code,
+        2 | 9 | 14 | 22 | 28 | 52 | 56 | 121 | 171 | 10334 | 16755 | 17280 | 17419
+    )
+}
+
+fn check_write_result(
+    res: &Document,
+    careful: bool,
+    op_of: impl Fn(usize) -> Option<usize>,
+) -> Result<(), TxnErr> {
+    if let Some((index, code, msg)) = first_write_error(res) {
+        if is_conflict(code) && !careful {
             return Err(TxnErr::Conflict(msg));
+        }
+        // After the careful plan removed the documents blocking the key and the `_id`, a
+        // conflict left is another unique index on the follower: permanent.
+        if is_permanent_rejection(code) || is_conflict(code) {
+            if let Some(op) = op_of(index) {
+                return Err(TxnErr::Rejected { op, code, msg });
+            }
         }
         return Err(TxnErr::Apply(ApplyError::Rejected(msg)));
     }
@@ -846,25 +1032,31 @@ fn check_write_result(res: &Document) -> Result<(), TxnErr> {
     Ok(())
 }
 
-/// Splits statements into runs that fit in one command.
-fn chunks(stmts: &[Document]) -> Vec<Vec<Document>> {
-    let mut out: Vec<Vec<Document>> = Vec::new();
+/// Splits statements into runs that fit in one command, each with the index of its first
+/// statement.
+fn chunks(stmts: &[Document]) -> Vec<(usize, Vec<Document>)> {
+    let mut out: Vec<(usize, Vec<Document>)> = Vec::new();
     let mut size = 0usize;
-    for s in stmts {
+    for (i, s) in stmts.iter().enumerate() {
         let len = mongodb::bson::to_vec(s).map(|v| v.len()).unwrap_or(0);
         if out.is_empty()
             || size + len > MAX_COMMAND_BYTES
-            || out.last().is_some_and(|c| c.len() >= 100_000)
+            || out.last().is_some_and(|c| c.1.len() >= 100_000)
         {
-            out.push(Vec::new());
+            out.push((i, Vec::new()));
             size = 0;
         }
         size += len;
         if let Some(last) = out.last_mut() {
-            last.push(s.clone());
+            last.1.push(s.clone());
         }
     }
     out
+}
+
+/// The `_id` of a quarantine record: the pipeline and the source `_id`.
+fn quarantine_id(ns: &str, id: &Bson) -> Document {
+    doc! {"ns": ns, "id": id.clone()}
 }
 
 pub fn bson_i64(b: &Bson) -> Option<i64> {

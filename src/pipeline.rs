@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::{coalesce, upsert_for, Coalesced, Op, Skip};
 use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
 use crate::config::{Config, InitialSync, OnHistoryLost};
-use crate::follower::{ApplyError, Follower, Next, Rev, Stored};
+use crate::follower::{ApplyError, Follower, Next, Rev, Stored, Write};
 use crate::lease::Authority;
 use crate::order::after_filter;
 use crate::source::{describe, is_history_lost};
@@ -84,7 +84,7 @@ impl From<ApplyError> for PairError {
         match e {
             ApplyError::Fenced { .. } => PairError::NotLeader(e.to_string()),
             ApplyError::Moved(_) => PairError::Reload(e.to_string()),
-            ApplyError::Unfenced(_) => PairError::Fatal(e.to_string()),
+            ApplyError::Unfenced(_) | ApplyError::Refused(_) => PairError::Fatal(e.to_string()),
             other => PairError::Transient(other.to_string()),
         }
     }
@@ -255,17 +255,18 @@ impl Pair {
             Stored::Resync { .. } => return Ok(()),
             other => other.rev(),
         };
-        let rev = self
+        let applied = self
             .follower
-            .apply(
-                &self.collection,
-                &[],
-                Next::Resync,
-                self.authority.term(),
-                &expect,
-            )
+            .apply(&Write {
+                collection: &self.collection,
+                ops: &[],
+                next: Next::Resync,
+                term: self.authority.term(),
+                expect: &expect,
+                clear_quarantine: false,
+            })
             .await?;
-        self.set_rev(rev);
+        self.set_rev(applied.rev);
         self.store.reset(&self.collection, self.name());
         Ok(())
     }
@@ -345,6 +346,8 @@ impl Pair {
         }
         self.follower.claim(&self.collection, term).await?;
         self.follower.ensure_key_index(&self.collection).await?;
+        self.stats
+            .set_quarantined(self.follower.quarantine_count(&self.collection).await?);
         let start = match self.resume_point().await? {
             Stored::At { cp, .. } if cp.copy_after.is_some() => {
                 self.initial_sync(Some(*cp), stop).await?
@@ -554,24 +557,37 @@ impl Pair {
             self.stats.skipped("duplicate_key");
         }
         let started = Instant::now();
-        let rev = match self
+        let expect = self.rev();
+        let applied = match self
             .follower
-            .apply(
-                &self.collection,
-                &ops,
-                Next::At(&cp),
-                self.authority.term(),
-                &self.rev(),
-            )
+            .apply(&Write {
+                collection: &self.collection,
+                ops: &ops,
+                next: Next::At(&cp),
+                term: self.authority.term(),
+                expect: &expect,
+                clear_quarantine: self.stats.quarantined() > 0,
+            })
             .await
         {
-            Ok(rev) => rev,
+            Ok(applied) => applied,
             Err(e) => {
                 self.stats.batch_failed(events);
                 return Err(e.into());
             }
         };
-        self.set_rev(rev);
+        self.set_rev(applied.rev);
+        for q in &applied.quarantined {
+            tracing::warn!(
+                follower = %self.name(), collection = %self.collection, id = %q.id,
+                key = %q.key.clone().unwrap_or(Bson::Null), code = q.code, error = %q.error,
+                "the follower refused this document for good; it is quarantined (state_database.quarantine) and the pipeline goes on; fix it, then run `check --repair`"
+            );
+        }
+        if !applied.quarantined.is_empty() || applied.cleared > 0 {
+            self.stats
+                .quarantine_changed(applied.quarantined.len() as u64, applied.cleared);
+        }
         self.stats
             .batch_applied(events, ops.len(), started.elapsed().as_secs_f64());
         self.record(cp, caught_up);
@@ -710,6 +726,12 @@ impl Pair {
                     } else if last_follower_cp.elapsed() >= IDLE_FOLLOWER_CHECKPOINT {
                         self.flush(&mut batch, true).await?;
                         last_follower_cp = Instant::now();
+                        if self.stats.quarantined() > 0 {
+                            // `check --repair` may have emptied it meanwhile.
+                            self.stats.set_quarantined(
+                                self.follower.quarantine_count(&self.collection).await?,
+                            );
+                        }
                     } else {
                         // Idle: the token file keeps every post-batch token, so a quiet
                         // collection's checkpoint never falls behind the oplog.

@@ -56,6 +56,8 @@ pub struct PairStats {
     headroom_ms: AtomicI64,
     /// Changes read from the source and not yet acknowledged by the follower.
     pending: AtomicU64,
+    /// Documents of this collection quarantined on this follower (see `follower`).
+    quarantined: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -120,6 +122,35 @@ impl PairStats {
             .skipped
             .with_label_values(&[self.follower.as_str(), self.collection.as_str(), reason])
             .inc();
+    }
+
+    /// The number of quarantined documents, as read from the follower.
+    pub fn set_quarantined(&self, n: u64) {
+        self.quarantined.store(n, Ordering::Relaxed);
+        self.metrics
+            .quarantined
+            .with_label_values(&[self.follower.as_str(), self.collection.as_str()])
+            .set(n as i64);
+    }
+
+    /// `added` documents were quarantined and `cleared` left the quarantine.
+    pub fn quarantine_changed(&self, added: u64, cleared: u64) {
+        let n = self
+            .quarantined
+            .load(Ordering::Relaxed)
+            .saturating_add(added)
+            .saturating_sub(cleared);
+        self.set_quarantined(n);
+        if added > 0 {
+            self.metrics
+                .quarantined_total
+                .with_label_values(&[self.follower.as_str(), self.collection.as_str()])
+                .inc_by(added);
+        }
+    }
+
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
     }
 
     /// The checkpoint moved to a change with cluster time `ct_ms`; `caught_up` when nothing
@@ -221,6 +252,8 @@ pub struct Metrics {
     up: IntGaugeVec,
     pub oplog_headroom: GaugeVec,
     pending: IntGaugeVec,
+    quarantined: IntGaugeVec,
+    quarantined_total: IntCounterVec,
     role: IntGauge,
     term: IntGauge,
 }
@@ -321,6 +354,22 @@ impl Metrics {
             fc,
         )
         .expect("metric");
+        let quarantined = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_quarantined_documents",
+                "Documents the follower refused for good, recorded in its quarantine",
+            ),
+            fc,
+        )
+        .expect("metric");
+        let quarantined_total = IntCounterVec::new(
+            Opts::new(
+                "mongo_replicator_quarantined_total",
+                "Documents put in quarantine since the node started",
+            ),
+            fc,
+        )
+        .expect("metric");
         let role = IntGauge::new(
             "mongo_replicator_leader",
             "1 when this node holds the lease",
@@ -340,6 +389,8 @@ impl Metrics {
             Box::new(up.clone()),
             Box::new(oplog_headroom.clone()),
             Box::new(pending.clone()),
+            Box::new(quarantined.clone()),
+            Box::new(quarantined_total.clone()),
             Box::new(role.clone()),
             Box::new(term.clone()),
         ] {
@@ -358,6 +409,8 @@ impl Metrics {
             up,
             oplog_headroom,
             pending,
+            quarantined,
+            quarantined_total,
             role,
             term,
         }
@@ -393,6 +446,8 @@ pub struct FollowerReport {
     /// The smallest headroom of its collections.
     pub oplog_headroom_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// Documents this follower refused for good (see `replication.on_rejected`).
+    pub quarantined: u64,
     pub collections: Vec<CollectionReport>,
 }
 
@@ -408,6 +463,7 @@ pub struct CollectionReport {
     /// Source oplog window minus the checkpoint's age, when the source lets us read it.
     pub oplog_headroom_ms: Option<i64>,
     pub last_error: Option<String>,
+    pub quarantined: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -451,6 +507,7 @@ impl NodeStatus {
             resync: AtomicBool::new(false),
             headroom_ms: AtomicI64::new(i64::MIN),
             pending: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
             metrics: self.metrics.clone(),
         });
         p.set_state(
@@ -493,6 +550,7 @@ impl NodeStatus {
                 checkpoint_age_ms: p.checkpoint_age_ms(),
                 oplog_headroom_ms: p.headroom_ms(),
                 last_error,
+                quarantined: p.quarantined(),
             };
             let f = match followers.iter_mut().find(|f| f.name == p.follower) {
                 Some(f) => f,
@@ -506,6 +564,7 @@ impl NodeStatus {
                         checkpoint_age_ms: Some(0),
                         oplog_headroom_ms: c.oplog_headroom_ms,
                         last_error: None,
+                        quarantined: 0,
                         collections: Vec::new(),
                     });
                     followers.last_mut().expect("just pushed")
@@ -515,6 +574,7 @@ impl NodeStatus {
                 f.state = c.state;
             }
             f.applied_events += c.applied_events;
+            f.quarantined += c.quarantined;
             f.lag_events += c.lag_events;
             f.lag_ms = max_opt(f.lag_ms, c.lag_ms);
             f.checkpoint_age_ms = max_opt(f.checkpoint_age_ms, c.checkpoint_age_ms);

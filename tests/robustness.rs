@@ -174,3 +174,216 @@ async fn a_hung_follower_counts_as_down_and_shutdown_is_bounded() {
     )
     .await;
 }
+
+async fn quarantined_of(r: &Replicator, follower: &str) -> u64 {
+    r.status()
+        .await
+        .and_then(|s| {
+            s["followers"]
+                .as_array()?
+                .iter()
+                .find(|f| f["name"] == follower)
+                .and_then(|f| f["quarantined"].as_u64())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+fn check_cmd(config: &std::path::Path, extra: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .args(["--recheck-delay", "300ms", "--recheck-rounds", "2"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn a_document_a_follower_refuses_is_quarantined_and_the_pair_goes_on() {
+    let (src, f1, f2) = (
+        Server::start().await,
+        Server::start().await,
+        Server::start().await,
+    );
+    // f1 has a unique index the source does not have: it refuses a second "x@example".
+    f1.coll("data")
+        .await
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"email": 1})
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    let cfg = ConfigBuilder::new(&src, &[&f1, &f2]);
+    let r = Replicator::start(&cfg, "n1");
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "a", "email": "x@example"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "b", "email": "x@example"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "c", "email": "c@example"})
+        .await
+        .unwrap();
+    // The healthy follower gets everything; f1 everything but b, and goes on streaming.
+    wait_identical(&s, &[f2.coll("data").await], CONVERGE).await;
+    let f = f1.coll("data").await;
+    wait_for("c reaches f1", CONVERGE, || async {
+        f.count_documents(doc! {"dataId": "c"}).await.unwrap() == 1
+    })
+    .await;
+    assert_eq!(f.count_documents(doc! {"dataId": "b"}).await.unwrap(), 0);
+    wait_for("f1 reports one quarantined document", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 1
+    })
+    .await;
+    assert_eq!(quarantined_of(&r, "f2").await, 0);
+    let st = r.status().await.unwrap();
+    let f1_state = st["followers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "f1")
+        .unwrap()["state"]
+        .clone();
+    assert_eq!(f1_state, "streaming");
+    // Recorded on the follower, with what an operator needs.
+    let rec = f1
+        .client()
+        .await
+        .database("mongo_replicator")
+        .collection::<mongodb::bson::Document>("quarantine")
+        .find_one(doc! {})
+        .await
+        .unwrap()
+        .expect("a quarantine record");
+    assert_eq!(rec.get_str("collection").unwrap(), "data");
+    assert_eq!(rec.get_str("key").unwrap(), "b");
+    assert!(rec.get_document("_id").unwrap().get("id").is_some());
+    assert!(rec.get_str("error").unwrap().contains("11000"), "{rec}");
+    assert!(rec.get_timestamp("cluster_time").is_ok(), "{rec}");
+    let m = reqwest::get(r.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("mongo_replicator_quarantined_documents")
+                && l.contains("follower=\"f1\"")
+                && l.ends_with(" 1")),
+        "{m}"
+    );
+    let log = r.log();
+    assert_eq!(log.matches("it is quarantined").count(), 1, "{log}");
+    // The CLI status shows it too.
+    let out = std::process::Command::new(bin())
+        .args(["status", "--config"])
+        .arg(&r.config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("QUARANTINED"), "{text}");
+
+    // check lists it (a difference); once the follower accepts it, --repair clears it.
+    let (code, out) = check_cmd(&r.config_path, &["--follower", "f1"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("quarantined") && out.contains("\"b\""),
+        "{out}"
+    );
+    f.drop_index("email_1").await.unwrap();
+    let (code, out) = check_cmd(&r.config_path, &["--follower", "f1", "--repair"]);
+    assert_eq!(code, 0, "{out}");
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    let (code, out) = check_cmd(&r.config_path, &["--follower", "f1"]);
+    assert_eq!(code, 0, "{out}");
+    // The running node notices within its idle checkpoint interval.
+    wait_for("status shows the quarantine empty", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_quarantined_document_leaves_the_quarantine_when_a_later_version_applies() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    f1.coll("data")
+        .await
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"email": 1})
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "a", "email": "x"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "b", "email": "x"})
+        .await
+        .unwrap();
+    wait_for("b quarantined", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 1
+    })
+    .await;
+    // Fixed on the source: the next version applies and the record goes.
+    s.update_one(doc! {"dataId": "b"}, doc! {"$set": {"email": "y"}})
+        .await
+        .unwrap();
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    wait_for("quarantine empty", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn under_on_rejected_stop_the_pair_stops_and_a_resync_restarts_it() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let f = f1.coll("data").await;
+    f.create_index(
+        mongodb::IndexModel::builder()
+            .keys(doc! {"email": 1})
+            .options(
+                mongodb::options::IndexOptions::builder()
+                    .unique(true)
+                    .build(),
+            )
+            .build(),
+    )
+    .await
+    .unwrap();
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\non_rejected = \"stop\"\n");
+    let r = Replicator::start(&cfg, "n1");
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "a", "email": "x"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "b", "email": "x"})
+        .await
+        .unwrap();
+    r.wait_stopped_with("refused the document", CONVERGE).await;
+    f.drop_index("email_1").await.unwrap();
+    assert_eq!(post(&r, "/resync/f1").await, 202);
+    wait_identical(&s, &[f], CONVERGE).await;
+}
