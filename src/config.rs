@@ -244,8 +244,9 @@ impl Config {
                 ConfigError::key(&path, format!("{msg}{line}"))
             }
         })?;
-        config.validate()?;
+        // Known before validation, so that no error about a URI can show them.
         register_secrets(&config);
+        config.validate()?;
         Ok(config)
     }
 
@@ -526,31 +527,72 @@ fn register_secrets(config: &Config) {
     let mut list = secrets.write().unwrap_or_else(|e| e.into_inner());
     let uris = std::iter::once(&config.source.uri).chain(config.followers.iter().map(|f| &f.uri));
     for uri in uris {
-        if let Some(userinfo) = userinfo(uri) {
-            if let Some((_, pass)) = userinfo.split_once(':') {
-                if !pass.is_empty() && !list.iter().any(|s| s == pass) {
-                    list.push(pass.to_string());
+        for secret in uri_secrets(uri) {
+            // As written, and as the driver decodes it (an escaped password appears decoded
+            // in some driver messages).
+            let decoded = percent_encoding::percent_decode_str(secret)
+                .decode_utf8_lossy()
+                .into_owned();
+            for s in [secret.to_string(), decoded] {
+                if !s.is_empty() && !list.contains(&s) {
+                    list.push(s);
                 }
             }
         }
     }
+    // Longest first, so that a secret containing another is replaced whole.
+    list.sort_by_key(|s| std::cmp::Reverse(s.len()));
 }
 
-fn userinfo(uri: &str) -> Option<&str> {
+/// URI options whose values are secrets (compared case-insensitively).
+const SECRET_OPTIONS: &[&str] = &[
+    "password",
+    "proxypassword",
+    "tlscertificatekeyfilepassword",
+    "sslpemkeypassword",
+    "sslclientcertificatekeypassword",
+    "authmechanismproperties",
+];
+
+/// The password of a URI, if it has one. Users sometimes leave a `/`, `?` or `@` in a
+/// password unescaped, so the user information runs from `://` to the *last* `@`; erring
+/// that way can only hide more, never show a password.
+fn userinfo_password(uri: &str) -> Option<&str> {
     let rest = uri.split_once("://")?.1;
-    let authority = rest.split(['/', '?']).next()?;
-    authority.rsplit_once('@').map(|(ui, _)| ui)
+    let (userinfo, _) = rest.rsplit_once('@')?;
+    userinfo.split_once(':').map(|(_, pass)| pass)
 }
 
-/// A URI with its password replaced by `***`.
+/// The values of secret-bearing options in a URI's query string.
+fn option_secrets(uri: &str) -> Vec<&str> {
+    let Some((_, query)) = uri.split_once('?') else {
+        return Vec::new();
+    };
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| SECRET_OPTIONS.contains(&k.to_ascii_lowercase().as_str()))
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Every secret a URI carries.
+fn uri_secrets(uri: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = userinfo_password(uri).into_iter().collect();
+    out.extend(option_secrets(uri));
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// A URI with its password and secret options replaced by `***`.
 pub fn redact_uri(uri: &str) -> String {
-    match userinfo(uri) {
-        Some(ui) => match ui.split_once(':') {
-            Some((user, _)) => uri.replacen(ui, &format!("{user}:***"), 1),
-            None => uri.to_string(),
-        },
-        None => uri.to_string(),
+    let mut out = uri.to_string();
+    let mut secrets = uri_secrets(uri);
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for s in secrets {
+        out = out.replace(s, "***");
     }
+    out
 }
 
 /// Any text (an error from the driver, say) with every known password replaced by `***`.
@@ -663,6 +705,34 @@ uri = "mongodb://127.0.0.1:27018/"
         assert_eq!(
             redact_uri("mongodb://bob:pw@h:1/x"),
             "mongodb://bob:***@h:1/x"
+        );
+    }
+
+    #[test]
+    fn careless_passwords_and_secret_options_are_redacted() {
+        for (uri, secret) in [
+            ("mongodb://bob:s3cr/et@h:1/?x=1", "s3cr/et"),
+            ("mongodb://bob:s3cr?et@h:1/db", "s3cr?et"),
+            ("mongodb://bob:s3cr@et@h:1,h2:2/db", "s3cr@et"),
+            ("mongodb+srv://bob:pa:ss@cluster.example/db", "pa:ss"),
+            ("mongodb://h:1/?proxyHost=p&proxyPassword=pr0xy&x=1", "pr0xy"),
+            ("mongodb://h:1/?tlsCertificateKeyFilePassword=k3y", "k3y"),
+            (
+                "mongodb://h:1/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:t0k",
+                "AWS_SESSION_TOKEN:t0k",
+            ),
+        ] {
+            let r = redact_uri(uri);
+            assert!(!r.contains(secret), "{uri} -> {r}");
+            assert!(r.contains("***"), "{r}");
+            let text = MINIMAL.replace("mongodb://127.0.0.1:27018/", uri);
+            if let Err(e) = Config::parse(&text) {
+                assert!(!e.to_string().contains(secret), "{e}");
+            }
+        }
+        assert_eq!(
+            redact_uri("mongodb://h:1/?appName=a"),
+            "mongodb://h:1/?appName=a"
         );
     }
 

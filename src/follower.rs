@@ -309,6 +309,10 @@ impl Follower {
         }
         let mut ops: std::borrow::Cow<'_, [Op]> = std::borrow::Cow::Borrowed(w.ops);
         let mut quarantined: Vec<Quarantined> = Vec::new();
+        // Ops moved to the end of the batch after a duplicate key on another unique index:
+        // the document holding that value may be rewritten later in the same batch (two
+        // documents swapping a unique value), and then this one applies.
+        let mut deferred: Vec<Bson> = Vec::new();
         let mut careful = false;
         let mut attempt = 0;
         loop {
@@ -330,6 +334,12 @@ impl Follower {
                     let Some(bad) = ops.get(op).cloned() else {
                         return Err(ApplyError::Rejected(msg));
                     };
+                    if is_conflict(code) && op + 1 < ops.len() && !deferred.contains(bad.id()) {
+                        deferred.push(bad.id().clone());
+                        let moved = ops.to_mut().remove(op);
+                        ops.to_mut().push(moved);
+                        continue;
+                    }
                     if self.on_rejected == OnRejected::Stop {
                         return Err(ApplyError::Refused(format!(
                             "follower refused the document with _id {} for good: {msg}; on_rejected = \"stop\" (fix the document or the follower, then resync)",

@@ -7,44 +7,58 @@ use std::cmp::Ordering;
 use mongodb::bson::{doc, Bson, Document};
 
 /// The rank of each type name in MongoDB's sort order (numbers share a rank, as do strings
-/// and symbols), as `$type` names them.
+/// and symbols), as `$type` names them. Every BSON type is here: a type missing from this
+/// table would be left out of every type-crossing range, so a resumed copy would skip its
+/// documents. The order is the server's canonical type order (`canonicalizeBSONType`):
+/// minKey, undefined, null, numbers, strings, objects, arrays, binary, ObjectId, booleans,
+/// dates, timestamps, regular expressions, DBPointer, JavaScript code, code with scope,
+/// maxKey.
 const TYPE_ORDER: &[(u8, &str)] = &[
     (1, "minKey"),
-    (2, "null"),
-    (3, "double"),
-    (3, "int"),
-    (3, "long"),
-    (3, "decimal"),
-    (4, "string"),
-    (4, "symbol"),
-    (5, "object"),
-    (6, "array"),
-    (7, "binData"),
-    (8, "objectId"),
-    (9, "bool"),
-    (10, "date"),
-    (11, "timestamp"),
-    (12, "regex"),
-    (14, "maxKey"),
+    (2, "undefined"),
+    (3, "null"),
+    (NUMBERS, "double"),
+    (NUMBERS, "int"),
+    (NUMBERS, "long"),
+    (NUMBERS, "decimal"),
+    (5, "string"),
+    (5, "symbol"),
+    (6, "object"),
+    (7, "array"),
+    (8, "binData"),
+    (9, "objectId"),
+    (10, "bool"),
+    (11, "date"),
+    (12, "timestamp"),
+    (13, "regex"),
+    (14, "dbPointer"),
+    (15, "javascript"),
+    (16, "javascriptWithScope"),
+    (17, "maxKey"),
 ];
+
+const NUMBERS: u8 = 4;
 
 /// The rank of a value's type in MongoDB's sort order.
 pub fn type_rank(b: &Bson) -> u8 {
     match b {
         Bson::MinKey => 1,
-        Bson::Null | Bson::Undefined => 2,
-        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 3,
-        Bson::String(_) | Bson::Symbol(_) => 4,
-        Bson::Document(_) => 5,
-        Bson::Array(_) => 6,
-        Bson::Binary(_) => 7,
-        Bson::ObjectId(_) => 8,
-        Bson::Boolean(_) => 9,
-        Bson::DateTime(_) => 10,
-        Bson::Timestamp(_) => 11,
-        Bson::RegularExpression(_) => 12,
-        Bson::MaxKey => 14,
-        _ => 13,
+        Bson::Undefined => 2,
+        Bson::Null => 3,
+        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => NUMBERS,
+        Bson::String(_) | Bson::Symbol(_) => 5,
+        Bson::Document(_) => 6,
+        Bson::Array(_) => 7,
+        Bson::Binary(_) => 8,
+        Bson::ObjectId(_) => 9,
+        Bson::Boolean(_) => 10,
+        Bson::DateTime(_) => 11,
+        Bson::Timestamp(_) => 12,
+        Bson::RegularExpression(_) => 13,
+        Bson::DbPointer(_) => 14,
+        Bson::JavaScriptCode(_) => 15,
+        Bson::JavaScriptCodeWithScope(_) => 16,
+        Bson::MaxKey => 17,
     }
 }
 
@@ -73,7 +87,8 @@ pub fn cmp_bson(a: &Bson, b: &Bson) -> Ordering {
         (Bson::Timestamp(x), Bson::Timestamp(y)) => {
             (x.time, x.increment).cmp(&(y.time, y.increment))
         }
-        _ if ra == 3 => as_f64(a)
+        (Bson::JavaScriptCode(x), Bson::JavaScriptCode(y)) => x.as_bytes().cmp(y.as_bytes()),
+        _ if ra == NUMBERS => as_f64(a)
             .zip(as_f64(b))
             .and_then(|(x, y)| x.partial_cmp(&y))
             .unwrap_or(Ordering::Equal),
@@ -244,9 +259,27 @@ mod tests {
                 "objectId",
             ),
             (Bson::Boolean(true), "bool"),
+            (Bson::JavaScriptCode("f".into()), "javascript"),
+            (Bson::MaxKey, "maxKey"),
+            (Bson::Undefined, "undefined"),
         ] {
             let rank = TYPE_ORDER.iter().find(|(_, n)| *n == name).unwrap().0;
             assert_eq!(type_rank(&v), rank, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_rank_has_a_type_name() {
+        // A rank without a `$type` name would fall out of every type-crossing range.
+        for rank in 1..=17u8 {
+            assert!(
+                TYPE_ORDER.iter().any(|(r, _)| *r == rank),
+                "rank {rank} has no $type name"
+            );
+        }
+        let after_oid = other_types(&Bson::ObjectId(mongodb::bson::oid::ObjectId::new()), true);
+        for name in ["javascript", "javascriptWithScope", "dbPointer", "maxKey"] {
+            assert!(after_oid.contains(&Bson::String(name.into())), "{name}");
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::options::FullDocumentType;
 use mongodb::{Client, Collection};
@@ -76,6 +76,10 @@ enum PairError {
     Resync(String),
     /// The follower's checkpoint changed underneath: start again from it, at once.
     Reload(String),
+    /// The source could not send an event (it would exceed the BSON size limit).
+    TooLarge(String),
+    /// Reopen the stream at once (after a batch read in the degraded mode).
+    Reopen,
     Stopped,
 }
 
@@ -93,9 +97,28 @@ impl From<ApplyError> for PairError {
 fn source_err(e: mongodb::error::Error) -> PairError {
     if is_history_lost(&e) {
         PairError::HistoryLost(describe(&e))
+    } else if is_too_large(&e) {
+        PairError::TooLarge(describe(&e))
     } else {
         PairError::Transient(format!("source: {}", describe(&e)))
     }
+}
+
+/// The server could not build a reply: an event (document plus metadata) past the BSON size
+/// limit (BSONObjectTooLarge, 10334; or the aggregation's own limit, 17419).
+fn is_too_large(e: &mongodb::error::Error) -> bool {
+    matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c)
+        if c.code == 10334 || c.code == 17419 || c.code_name == "BSONObjectTooLarge")
+}
+
+/// A raw document from the server, decoded; one that does not decode stops the pair with
+/// the reason instead of being retried forever.
+fn decode(raw: &RawDocumentBuf) -> Result<Document, PairError> {
+    raw.to_document().map_err(|e| {
+        PairError::Fatal(format!(
+            "the source sent a document that does not decode: {e}"
+        ))
+    })
 }
 
 impl Pair {
@@ -147,6 +170,9 @@ impl Pair {
         // handled like any other.
         let mut pending: Option<PairError> = None;
         let mut reloads = 0u32;
+        // Set after the source could not send an event (too large): the next stream reads
+        // one batch without documents and re-reads each by `_id`.
+        let mut degraded = false;
         loop {
             if stop.is_cancelled() {
                 self.stats.set_state(PairState::Stopped, None);
@@ -154,7 +180,10 @@ impl Pair {
             }
             let err = match pending.take() {
                 Some(e) => e,
-                None => match self.run_once(&stop, &mut backoff).await {
+                None => match self
+                    .run_once(&stop, &mut backoff, std::mem::take(&mut degraded))
+                    .await
+                {
                     Ok(()) => PairError::Stopped,
                     Err(e) => e,
                 },
@@ -178,6 +207,13 @@ impl Pair {
                     backoff = BACKOFF_START;
                     "resync requested".to_string()
                 }
+                PairError::TooLarge(msg) => {
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, "the source could not send a change event (too large); reading the next batch without documents and re-reading each by _id");
+                    self.stats.skipped("event_too_large");
+                    degraded = true;
+                    continue;
+                }
+                PairError::Reopen => continue,
                 PairError::Reload(msg) => {
                     reloads += 1;
                     tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %msg, "reloading the follower's checkpoint");
@@ -330,6 +366,7 @@ impl Pair {
         &self,
         stop: &CancellationToken,
         backoff: &mut Duration,
+        degraded: bool,
     ) -> Result<(), PairError> {
         self.check_authority()?;
         let term = self.authority.term();
@@ -363,7 +400,7 @@ impl Pair {
                 }
             },
         };
-        self.stream(start, stop, backoff).await
+        self.stream(start, stop, backoff, degraded).await
     }
 
     /// A checkpoint at the source's present, from a fresh stream's post-batch token.
@@ -410,7 +447,8 @@ impl Pair {
         tracing::info!(follower = %self.name(), collection = %self.collection, total, resumed = after != Bson::Null, "initial sync: copying documents");
         let mut cursor = self
             .src(
-                coll.find(filter)
+                coll.clone_with_type::<RawDocumentBuf>()
+                    .find(filter)
                     .sort(doc! {"_id": 1})
                     .batch_size(self.config.replication.batch_max_docs.min(10_000) as u32)
                     .into_future(),
@@ -420,11 +458,15 @@ impl Pair {
         let mut last_log = Instant::now();
         let mut done: u64 = 0;
         let mut ops = Vec::new();
+        let mut bytes = 0usize;
         let max = self.config.replication.batch_max_docs;
+        let max_bytes = self.config.replication.batch_max_bytes.as_u64() as usize;
         loop {
             let next = self.src(cursor.try_next()).await?;
             let finished = next.is_none();
-            if let Some(doc) = next {
+            if let Some(raw) = next {
+                bytes += raw.as_bytes().len();
+                let doc = decode(&raw)?;
                 let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
                 if let Err(e) = self.push_upsert(doc, &mut ops) {
                     // Copy what came before the bad document, then stop at it.
@@ -434,7 +476,8 @@ impl Pair {
                 after = id;
                 done += 1;
             }
-            if ops.len() >= max || finished {
+            if ops.len() >= max || bytes >= max_bytes || finished {
+                bytes = 0;
                 self.commit_copied(&base, &after, &mut ops).await?;
                 if stop.is_cancelled() {
                     tracing::info!(follower = %self.name(), collection = %self.collection, done, "initial sync interrupted by shutdown; it resumes where it stopped");
@@ -557,13 +600,32 @@ impl Pair {
             self.stats.skipped("duplicate_key");
         }
         let started = Instant::now();
+        let quarantined = self.apply_ops(&ops, &cp, events, true).await?;
+        if !quarantined.is_empty() {
+            self.resolve_stale_blockers(&quarantined, &cp).await?;
+        }
+        self.stats
+            .batch_applied(events, ops.len(), started.elapsed().as_secs_f64());
+        self.record(cp, caught_up);
+        Ok(())
+    }
+
+    /// Applies `ops` as they are (already coalesced) with checkpoint `cp`; returns what the
+    /// follower quarantined. `log` reports each quarantined document (once per document).
+    async fn apply_ops(
+        &self,
+        ops: &[Op],
+        cp: &Checkpoint,
+        events: u64,
+        log: bool,
+    ) -> Result<Vec<crate::follower::Quarantined>, PairError> {
         let expect = self.rev();
         let applied = match self
             .follower
             .apply(&Write {
                 collection: &self.collection,
-                ops: &ops,
-                next: Next::At(&cp),
+                ops,
+                next: Next::At(cp),
                 term: self.authority.term(),
                 expect: &expect,
                 clear_quarantine: self.stats.quarantined() > 0,
@@ -577,20 +639,132 @@ impl Pair {
             }
         };
         self.set_rev(applied.rev);
-        for q in &applied.quarantined {
-            tracing::warn!(
-                follower = %self.name(), collection = %self.collection, id = %q.id,
-                key = %q.key.clone().unwrap_or(Bson::Null), code = q.code, error = %q.error,
-                "the follower refused this document for good; it is quarantined (state_database.quarantine) and the pipeline goes on; fix it, then run `check --repair`"
-            );
+        if log {
+            for q in &applied.quarantined {
+                tracing::warn!(
+                    follower = %self.name(), collection = %self.collection, id = %q.id,
+                    key = %q.key.clone().unwrap_or(Bson::Null), code = q.code, error = %q.error,
+                    "the follower refused this document for good; it is quarantined (state_database.quarantine) and the pipeline goes on; fix it, then run `check --repair`"
+                );
+            }
         }
         if !applied.quarantined.is_empty() || applied.cleared > 0 {
             self.stats
                 .quarantine_changed(applied.quarantined.len() as u64, applied.cleared);
         }
-        self.stats
-            .batch_applied(events, ops.len(), started.elapsed().as_secs_f64());
-        self.record(cp, caught_up);
+        Ok(applied.quarantined)
+    }
+
+    /// A document refused for a duplicate on another unique index of the follower is often
+    /// blocked by a *stale* follower document: one whose newer source version no longer holds
+    /// that value, but whose change comes later in the stream (two documents swapping a
+    /// unique value). Such blockers are removed and rewritten from their current source
+    /// versions, together with the refused document, in one batch. A blocker whose source
+    /// version holds the same value is a true duplicate on the source: the refused document
+    /// then stays quarantined.
+    async fn resolve_stale_blockers(
+        &self,
+        quarantined: &[crate::follower::Quarantined],
+        cp: &Checkpoint,
+    ) -> Result<(), PairError> {
+        let conflicts: Vec<&Bson> = quarantined
+            .iter()
+            .filter(|q| q.code == 11000)
+            .map(|q| &q.id)
+            .collect();
+        if conflicts.is_empty() {
+            return Ok(());
+        }
+        let fcoll: Collection<Document> = self
+            .follower
+            .client()
+            .database(self.follower.data_db())
+            .collection(&self.collection);
+        let models: Vec<mongodb::IndexModel> = self
+            .fol(async { fcoll.list_indexes().await?.try_collect().await })
+            .await?;
+        let unique: Vec<Vec<String>> = models
+            .iter()
+            .filter(|m| m.options.as_ref().and_then(|o| o.unique).unwrap_or(false))
+            .map(|m| m.keys.keys().cloned().collect())
+            .filter(|k: &Vec<String>| k != &["_id".to_string()])
+            .collect();
+        if unique.is_empty() {
+            return Ok(());
+        }
+        let r = &self.config.replication;
+        let mut deletes = Vec::new();
+        let mut upserts = Vec::new();
+        'doc: for id in conflicts {
+            let by_id = crate::change::eq("_id", id);
+            let Some(x) = self.src(self.coll().find_one(by_id).into_future()).await? else {
+                continue;
+            };
+            let mut blockers = Vec::new();
+            for fields in &unique {
+                let mut filter = Document::new();
+                for f in fields {
+                    filter.insert(
+                        f.as_str(),
+                        doc! {"$eq": x.get(f.as_str()).cloned().unwrap_or(Bson::Null)},
+                    );
+                }
+                filter.insert("_id", doc! {"$ne": id.clone()});
+                for b in self
+                    .fol(async {
+                        fcoll
+                            .find(filter.clone())
+                            .await?
+                            .try_collect::<Vec<Document>>()
+                            .await
+                    })
+                    .await?
+                {
+                    let Some(bid) = b.get("_id").cloned() else {
+                        continue;
+                    };
+                    let current = self
+                        .src(
+                            self.coll()
+                                .find_one(crate::change::eq("_id", &bid))
+                                .into_future(),
+                        )
+                        .await?;
+                    if let Some(c) = &current {
+                        if fields
+                            .iter()
+                            .all(|f| c.get(f.as_str()) == x.get(f.as_str()))
+                        {
+                            // A true duplicate on the source: nothing stale to clear.
+                            continue 'doc;
+                        }
+                    }
+                    blockers.push((bid, current));
+                }
+            }
+            if blockers.is_empty() {
+                continue;
+            }
+            tracing::info!(follower = %self.name(), collection = %self.collection, id = %id, blockers = blockers.len(), "rewriting stale follower documents that block a unique value, from their current source versions");
+            if let Ok(Ok(op)) = upsert_for(x, &r.key_field, r.missing_key) {
+                upserts.push(op);
+            }
+            for (bid, current) in blockers {
+                deletes.push(Op::Delete { id: bid.clone() });
+                if let Some(Ok(Ok(op))) =
+                    current.map(|c| upsert_for(c, &r.key_field, r.missing_key))
+                {
+                    upserts.push(op);
+                }
+            }
+        }
+        if deletes.is_empty() {
+            return Ok(());
+        }
+        // Deletes run before upserts in one batch (see `Plan`), so a blocker is removed
+        // before its value is taken, and written back afterwards.
+        deletes.extend(upserts);
+        self.apply_ops(&deletes, cp, 0, false).await?;
         Ok(())
     }
 
@@ -631,22 +805,36 @@ impl Pair {
         start: Checkpoint,
         stop: &CancellationToken,
         backoff: &mut Duration,
+        degraded: bool,
     ) -> Result<(), PairError> {
         let token: ResumeToken = mongodb::bson::from_document(start.token.clone())
             .map_err(|e| PairError::Fatal(format!("checkpoint token unreadable: {e}")))?;
-        let stream = self
-            .src(
-                self.coll()
-                    .watch()
-                    .full_document(FullDocumentType::UpdateLookup)
-                    .start_after(token)
-                    .max_await_time(MAX_AWAIT)
-                    .into_future(),
-            )
-            .await?;
+        // Only what the replicator uses: never the update description, which can make an
+        // update's event twice the document's size.
+        let mut project = doc! {"updateDescription": 0};
+        if degraded {
+            project.insert("fullDocument", 0);
+        }
+        let coll = self.coll().clone_with_type::<RawDocumentBuf>();
+        let watch = coll
+            .watch()
+            .pipeline([doc! {"$project": project}])
+            .start_after(token)
+            .max_await_time(MAX_AWAIT);
+        let watch = if degraded {
+            watch
+        } else {
+            watch.full_document(FullDocumentType::UpdateLookup)
+        };
+        let stream = self.src(watch.into_future()).await?;
         self.stats.set_state(PairState::CatchingUp, None);
         let (tx, mut rx) = mpsc::channel::<Item>(self.config.replication.batch_max_docs * 2);
-        let reader = tokio::spawn(read_stream(stream, tx));
+        // Read-ahead is bounded in bytes too: the reader takes permits (KiB) for each event
+        // before it queues it, and they return when the event is taken into a batch.
+        let max_bytes = self.config.replication.batch_max_bytes.as_u64() as usize;
+        let budget_kib = (max_bytes / 1024).max(1) as u32;
+        let budget = Arc::new(tokio::sync::Semaphore::new(budget_kib as usize));
+        let reader = tokio::spawn(read_stream(stream, tx, budget, budget_kib));
         let _abort = AbortOnDrop(reader);
 
         let max_docs = self.config.replication.batch_max_docs;
@@ -699,10 +887,11 @@ impl Pair {
                 return Err(PairError::Transient("change stream ended".into()));
             };
             match item {
-                Item::Event(ev) => {
+                Item::Event(ev, permit) => {
                     let ev = *ev;
+                    drop(permit);
                     let invalidate = ev.operation_type == OperationType::Invalidate;
-                    if let Err(e) = self.add_event(&mut batch, ev).await {
+                    if let Err(e) = self.add_event(&mut batch, ev, degraded).await {
                         // Apply what came before the event, then stop or resync.
                         self.flush(&mut batch, false).await?;
                         return Err(e);
@@ -713,9 +902,12 @@ impl Pair {
                             "change stream invalidated (collection dropped or renamed on the source); reopening after it".into(),
                         ));
                     }
-                    if batch.events >= max_docs as u64 {
+                    if batch.events >= max_docs as u64 || batch.bytes >= max_bytes {
                         self.flush(&mut batch, false).await?;
                         *backoff = BACKOFF_START;
+                        if degraded {
+                            return Err(PairError::Reopen);
+                        }
                     }
                 }
                 Item::Idle(token) => {
@@ -756,7 +948,8 @@ impl Pair {
     async fn add_event(
         &self,
         batch: &mut Batch,
-        ev: ChangeStreamEvent<Document>,
+        ev: ChangeStreamEvent<RawDocumentBuf>,
+        degraded: bool,
     ) -> Result<(), PairError> {
         let token = token_doc(&ev.id)?;
         let cluster_time = ev
@@ -765,7 +958,33 @@ impl Pair {
             .or(batch.cluster_time);
         match ev.operation_type {
             OperationType::Insert | OperationType::Update | OperationType::Replace => {
-                match ev.full_document {
+                let full = match ev.full_document {
+                    Some(raw) => {
+                        batch.bytes += raw.as_bytes().len();
+                        Some(decode(&raw)?)
+                    }
+                    // Read without documents: the current version, by `_id` (what an
+                    // update lookup returns too).
+                    None if degraded => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
+                        Some(id) => {
+                            let doc = self
+                                .src(
+                                    self.coll()
+                                        .find_one(crate::change::eq("_id", id))
+                                        .into_future(),
+                                )
+                                .await?;
+                            if let Some(d) = &doc {
+                                batch.bytes +=
+                                    mongodb::bson::to_vec(d).map(|v| v.len()).unwrap_or(0);
+                            }
+                            doc
+                        }
+                        None => None,
+                    },
+                    None => None,
+                };
+                match full {
                     Some(doc) => {
                         let id = doc.get("_id").cloned();
                         match (self.push_upsert(doc, &mut batch.ops), id) {
@@ -838,6 +1057,7 @@ impl Pair {
     async fn flush(&self, batch: &mut Batch, caught_up: bool) -> Result<(), PairError> {
         let ops = std::mem::take(&mut batch.ops);
         let events = std::mem::take(&mut batch.events);
+        batch.bytes = 0;
         let cp = batch.checkpoint();
         self.commit(ops, cp, events, caught_up).await?;
         if caught_up {
@@ -851,6 +1071,8 @@ impl Pair {
 struct Batch {
     ops: Vec<Op>,
     events: u64,
+    /// Bytes of the documents in `ops`.
+    bytes: usize,
     opened: Instant,
     token: Document,
     cluster_time: Option<Timestamp>,
@@ -861,6 +1083,7 @@ impl Batch {
         Batch {
             ops: Vec::new(),
             events: 0,
+            bytes: 0,
             opened: Instant::now(),
             token: start.token,
             cluster_time: start.cluster_time,
@@ -873,7 +1096,11 @@ impl Batch {
 }
 
 enum Item {
-    Event(Box<ChangeStreamEvent<Document>>),
+    /// An event, with the read-ahead budget it holds until it is taken into a batch.
+    Event(
+        Box<ChangeStreamEvent<RawDocumentBuf>>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
     /// An empty batch: the stream's post-batch token, past everything read so far.
     Idle(ResumeToken),
     Error(mongodb::error::Error),
@@ -881,12 +1108,26 @@ enum Item {
 
 /// Reads the stream into `tx` until the receiver goes away or the stream fails.
 async fn read_stream(
-    mut stream: mongodb::change_stream::ChangeStream<ChangeStreamEvent<Document>>,
+    mut stream: mongodb::change_stream::ChangeStream<ChangeStreamEvent<RawDocumentBuf>>,
     tx: mpsc::Sender<Item>,
+    budget: Arc<tokio::sync::Semaphore>,
+    budget_kib: u32,
 ) {
     loop {
         let item = match stream.next_if_any().await {
-            Ok(Some(ev)) => Item::Event(Box::new(ev)),
+            Ok(Some(ev)) => {
+                let size = ev
+                    .full_document
+                    .as_ref()
+                    .map(|d| d.as_bytes().len())
+                    .unwrap_or(0);
+                // One event larger than the whole budget takes all of it.
+                let kib = ((size / 1024) as u32).clamp(1, budget_kib);
+                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+                    return;
+                };
+                Item::Event(Box::new(ev), permit)
+            }
             Ok(None) => match stream.resume_token() {
                 Some(t) => Item::Idle(t),
                 None => continue,

@@ -164,6 +164,45 @@ fn secrets_never_appear_in_errors() {
 }
 
 #[test]
+fn careless_passwords_and_secret_options_never_appear_in_errors() {
+    // Found by review: a password with an unescaped `/`, and secrets carried in URI options,
+    // were printed whole in config errors.
+    let dir = tempfile::tempdir().unwrap();
+    let mut leaks = Vec::new();
+    for uri in [
+        "mongodb://bob:s3cr/et-PW@127.0.0.1:1/?directConnection=true",
+        "mongodb://127.0.0.1:1/?directConnection=true&proxyHost=127.0.0.1&proxyPort=1080&proxyUsername=bob&proxyPassword=s3cr/et-PW",
+        "mongodb://127.0.0.1:1/?directConnection=true&tls=true&tlsCertificateKeyFile=/k.pem&tlsCertificateKeyFilePassword=s3cr/et-PW",
+    ] {
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            GOOD.replace("mongodb://127.0.0.1:1/?directConnection=true", uri),
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        for args in [
+            vec!["run", "--config", p],
+            vec!["check", "--config", p],
+            vec!["resync", "--follower", "f1", "--config", p],
+            vec!["status", "--config", p],
+        ] {
+            let out = Command::new(bin()).args(&args).output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_ne!(out.status.code(), Some(0), "{args:?}: {text}");
+            if text.contains("s3cr/et-PW") || text.contains("s3cr%2Fet-PW") {
+                leaks.push(format!("{args:?}: {text}"));
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "password printed:\n{}", leaks.join("\n"));
+}
+
+#[test]
 fn an_unreachable_source_exits_non_zero_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");

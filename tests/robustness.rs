@@ -387,3 +387,69 @@ async fn under_on_rejected_stop_the_pair_stops_and_a_resync_restarts_it() {
     assert_eq!(post(&r, "/resync/f1").await, 202);
     wait_identical(&s, &[f], CONVERGE).await;
 }
+
+#[tokio::test]
+async fn a_unique_value_swap_on_the_source_converges_without_help() {
+    // Found by review: source and follower share a unique index on `email`. Swapping two
+    // values on the source (three valid writes) replays on the follower as upserts of the
+    // newest documents, which collide with the follower's stale copy of the other one. The
+    // pair must neither stall nor leave the follower different.
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let s = src.coll("data").await;
+    let f = f1.coll("data").await;
+    for c in [&s, &f] {
+        c.create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"email": 1})
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    }
+    s.insert_one(doc! {"dataId": "a", "email": "x@example.com"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "b", "email": "y@example.com"})
+        .await
+        .unwrap();
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    for (k, email) in [
+        ("a", "tmp@example.com"),
+        ("b", "x@example.com"),
+        ("a", "y@example.com"),
+    ] {
+        s.update_one(doc! {"dataId": k}, doc! {"$set": {"email": email}})
+            .await
+            .unwrap();
+    }
+    s.insert_one(doc! {"dataId": "c", "email": "z@example.com"})
+        .await
+        .unwrap();
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    wait_for("quarantine empty", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 0
+    })
+    .await;
+    // And with the swap split across batches: each write applied on its own.
+    for (k, email) in [
+        ("a", "tmp@example.com"),
+        ("b", "y@example.com"),
+        ("a", "x@example.com"),
+    ] {
+        s.update_one(doc! {"dataId": k}, doc! {"$set": {"email": email}})
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    wait_for("quarantine empty again", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 0
+    })
+    .await;
+}
