@@ -46,7 +46,10 @@ async fn a_pipeline_stopped_by_missing_key_fail_restarts_on_resync_with_the_fixe
     assert_eq!(post(&r, "/resync/f1").await, 202);
     s.insert_one(doc! {"dataId": "c"}).await.unwrap();
     wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
-    assert_eq!(first_state(&r).await.as_deref(), Some("streaming"));
+    wait_for("streaming again", CONVERGE, || async {
+        first_state(&r).await.as_deref() == Some("streaming")
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -581,6 +581,16 @@ impl Replicator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process's peak resident memory so far, in KiB (`VmHWM`), while it runs.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("tokens.json")
     }
