@@ -115,6 +115,15 @@ pub struct Applied {
     pub cleared: u64,
 }
 
+/// What a batch did to the quarantine.
+#[derive(Debug, Default)]
+struct QuarantineWrite {
+    /// Records removed because the batch wrote or deleted their documents.
+    cleared: u64,
+    /// For each quarantined document of the batch: whether its record is new.
+    inserted: Vec<bool>,
+}
+
 /// A document the follower refused for good.
 #[derive(Debug, Clone)]
 pub struct Quarantined {
@@ -122,6 +131,9 @@ pub struct Quarantined {
     pub key: Option<Bson>,
     pub code: i32,
     pub error: String,
+    /// Not in the quarantine before this batch (a document refused again only has its
+    /// record updated).
+    pub new: bool,
 }
 
 /// The revision of a pipeline's checkpoint on a follower.
@@ -315,19 +327,58 @@ impl Follower {
         let mut deferred: Vec<Bson> = Vec::new();
         let mut careful = false;
         let mut attempt = 0;
+        // Most ops per transaction: lowered when the follower finds a transaction too large
+        // for its cache. The parts before the last carry no checkpoint (their replay is
+        // harmless); the last part moves it.
+        let mut limit = usize::MAX;
         loop {
+            let len = ops.len().min(limit);
+            let last = len == ops.len();
+            let part = &ops[..len];
             let res = if txn {
-                self.apply_in_txn(w, &ops, &quarantined, careful).await
+                self.apply_in_txn(w, part, &quarantined, careful, last)
+                    .await
             } else {
-                self.apply_plain(w, &ops, &quarantined, careful).await
+                self.apply_plain(w, part, &quarantined, careful, last).await
             };
             match res {
-                Ok((rev, cleared)) => {
+                Ok((rev, q)) if last => {
+                    for (rec, new) in quarantined.iter_mut().zip(q.inserted) {
+                        rec.new = new;
+                    }
                     return Ok(Applied {
                         rev,
                         quarantined,
-                        cleared,
-                    })
+                        cleared: q.cleared,
+                    });
+                }
+                Ok(_) => {
+                    ops.to_mut().drain(..len);
+                }
+                Err(TxnErr::TooLarge(msg)) if len > 1 => {
+                    tracing::info!(follower = %self.name, collection = w.collection, ops = len, error = %msg, "transaction too large for the follower; splitting the batch");
+                    limit = len / 2;
+                }
+                Err(TxnErr::TooLarge(msg)) => {
+                    // One document alone does not fit in a transaction on this follower.
+                    let bad = ops.to_mut().remove(0);
+                    if self.on_rejected == OnRejected::Stop {
+                        return Err(ApplyError::Refused(format!(
+                            "follower cannot take the document with _id {} in a transaction: {msg}; on_rejected = \"stop\"",
+                            bad.id()
+                        )));
+                    }
+                    let key = match &bad {
+                        Op::Upsert { key, .. } => key.clone(),
+                        Op::Delete { .. } => None,
+                    };
+                    quarantined.push(Quarantined {
+                        id: bad.id().clone(),
+                        key,
+                        code: 388,
+                        error: msg,
+                        new: true,
+                    });
                 }
                 Err(TxnErr::Conflict(_)) if !careful => careful = true,
                 Err(TxnErr::Rejected { op, code, msg }) => {
@@ -355,6 +406,7 @@ impl Follower {
                         key,
                         code,
                         error: msg,
+                        new: true,
                     });
                     ops.to_mut().remove(op);
                 }
@@ -379,10 +431,11 @@ impl Follower {
         ops: &[Op],
         quarantined: &[Quarantined],
         careful: bool,
-    ) -> Result<(Rev, u64), TxnErr> {
+        last: bool,
+    ) -> Result<(Rev, QuarantineWrite), TxnErr> {
         let mut session = self.session(w.collection, w.term).await?;
         let res = self
-            .txn_in_session(&mut session, w, ops, quarantined, careful)
+            .txn_in_session(&mut session, w, ops, quarantined, careful, last)
             .await;
         let reusable = matches!(
             res,
@@ -390,6 +443,7 @@ impl Follower {
                 | Err(TxnErr::Apply(ApplyError::TransientTxn(_)))
                 | Err(TxnErr::Conflict(_))
                 | Err(TxnErr::Rejected { .. })
+                | Err(TxnErr::TooLarge(_))
         );
         if reusable {
             // Only a session whose last transaction ended (committed or aborted) is reused.
@@ -492,6 +546,7 @@ impl Follower {
         Ok(lsids.len())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn txn_in_session(
         &self,
         session: &mut ClientSession,
@@ -499,7 +554,8 @@ impl Follower {
         ops: &[Op],
         quarantined: &[Quarantined],
         careful: bool,
-    ) -> Result<(Rev, u64), TxnErr> {
+        last: bool,
+    ) -> Result<(Rev, QuarantineWrite), TxnErr> {
         session
             .start_transaction()
             .write_concern(durable(self.timeout))
@@ -512,6 +568,9 @@ impl Follower {
             let plan = Plan::build(ops, &self.key_field, careful);
             self.run_plan(Some(&mut *session), w.collection, &plan)
                 .await?;
+            if !last {
+                return Ok((w.expect.clone(), QuarantineWrite::default()));
+            }
             let cleared = self
                 .record_quarantine(Some(&mut *session), w, ops, quarantined)
                 .await
@@ -544,7 +603,7 @@ impl Follower {
                     if let Some(fenced) = self.fenced_error(w.collection, w.term).await {
                         return Err(TxnErr::Apply(fenced));
                     }
-                    return Err(apply_err(e));
+                    return Err(classify(apply_err(e)));
                 }
             }
         }
@@ -558,10 +617,14 @@ impl Follower {
         ops: &[Op],
         quarantined: &[Quarantined],
         careful: bool,
-    ) -> Result<(Rev, u64), TxnErr> {
+        last: bool,
+    ) -> Result<(Rev, QuarantineWrite), TxnErr> {
         self.raise_fence(None, w.collection, w.term).await?;
         let plan = Plan::build(ops, &self.key_field, careful);
         self.run_plan(None, w.collection, &plan).await?;
+        if !last {
+            return Ok((w.expect.clone(), QuarantineWrite::default()));
+        }
         let cleared = self
             .record_quarantine(None, w, ops, quarantined)
             .await
@@ -582,7 +645,7 @@ impl Follower {
         w: &Write<'_>,
         ops: &[Op],
         quarantined: &[Quarantined],
-    ) -> Result<u64, ApplyError> {
+    ) -> Result<QuarantineWrite, ApplyError> {
         let ns = self.pipeline_id(w.collection);
         let mut cleared = 0;
         if w.clear_quarantine && !ops.is_empty() {
@@ -602,7 +665,10 @@ impl Follower {
             }
         }
         if quarantined.is_empty() {
-            return Ok(cleared);
+            return Ok(QuarantineWrite {
+                cleared,
+                inserted: Vec::new(),
+            });
         }
         let cluster_time = match w.next {
             Next::At(cp) => cp.cluster_time.map(Bson::Timestamp),
@@ -635,7 +701,22 @@ impl Follower {
         if let Some((_, _, msg)) = first_write_error(&res) {
             return Err(ApplyError::Rejected(format!("quarantine write: {msg}")));
         }
-        Ok(cleared)
+        // Statements that inserted a record (the others updated one already there).
+        let inserted: Vec<usize> = res
+            .get_array("upserted")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_document()?.get("index").and_then(bson_i64))
+                    .map(|i| i as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(QuarantineWrite {
+            cleared,
+            inserted: (0..quarantined.len())
+                .map(|i| inserted.contains(&i))
+                .collect(),
+        })
     }
 
     /// How many documents of `collection` are in this follower's quarantine.
@@ -787,7 +868,7 @@ impl Follower {
             let res = self
                 .command(&self.data_db, cmd, session.as_deref_mut())
                 .await
-                .map_err(TxnErr::Apply)?;
+                .map_err(|e| classify(TxnErr::Apply(e)))?;
             check_write_result(&res, plan.careful, |i| {
                 plan.delete_ops.get(start + i).copied()
             })?;
@@ -797,7 +878,7 @@ impl Follower {
             let res = self
                 .command(&self.data_db, cmd, session.as_deref_mut())
                 .await
-                .map_err(TxnErr::Apply)?;
+                .map_err(|e| classify(TxnErr::Apply(e)))?;
             check_write_result(&res, plan.careful, |i| {
                 plan.upsert_ops.get(start + i).copied()
             })?;
@@ -962,6 +1043,9 @@ enum TxnErr {
         code: i32,
         msg: String,
     },
+    /// The transaction does not fit in the follower's cache (TransactionTooLargeForCache,
+    /// 388): the batch is split.
+    TooLarge(String),
     Apply(ApplyError),
 }
 
@@ -971,9 +1055,24 @@ impl TxnErr {
             TxnErr::Conflict(msg) => ApplyError::Rejected(format!(
                 "conflict on the follower that clearing blocking documents did not resolve: {msg}"
             )),
-            TxnErr::Rejected { msg, .. } => ApplyError::Rejected(msg),
+            TxnErr::Rejected { msg, .. } | TxnErr::TooLarge(msg) => ApplyError::Rejected(msg),
             TxnErr::Apply(e) => e,
         }
+    }
+}
+
+/// Tells a transaction too large for the follower's cache (code 388) from other failures.
+/// The test server reports it wrapped in an InternalError whose text carries the code.
+fn classify(e: TxnErr) -> TxnErr {
+    match e {
+        TxnErr::Apply(ApplyError::Unavailable(m)) | TxnErr::Apply(ApplyError::TransientTxn(m))
+            if m.contains("(code 388)")
+                || m.contains("code: 388")
+                || m.contains("TransactionTooLargeForCache") =>
+        {
+            TxnErr::TooLarge(m)
+        }
+        other => other,
     }
 }
 

@@ -640,7 +640,7 @@ impl Pair {
         };
         self.set_rev(applied.rev);
         if log {
-            for q in &applied.quarantined {
+            for q in applied.quarantined.iter().filter(|q| q.new) {
                 tracing::warn!(
                     follower = %self.name(), collection = %self.collection, id = %q.id,
                     key = %q.key.clone().unwrap_or(Bson::Null), code = q.code, error = %q.error,
@@ -649,8 +649,8 @@ impl Pair {
             }
         }
         if !applied.quarantined.is_empty() || applied.cleared > 0 {
-            self.stats
-                .quarantine_changed(applied.quarantined.len() as u64, applied.cleared);
+            let added = applied.quarantined.iter().filter(|q| q.new).count() as u64;
+            self.stats.quarantine_changed(added, applied.cleared);
         }
         Ok(applied.quarantined)
     }
