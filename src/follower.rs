@@ -102,6 +102,9 @@ pub struct Write<'a> {
     /// The pipeline has quarantined documents: remove the records of those this batch
     /// writes or deletes.
     pub clear_quarantine: bool,
+    /// A copy starts: remove every quarantine record of the pipeline (the copy writes each
+    /// document again, and refuses what is still refused).
+    pub reset_quarantine: bool,
 }
 
 /// What [`Follower::apply`] did.
@@ -311,7 +314,36 @@ impl Follower {
     /// for good ([`is_permanent_rejection`]) is quarantined in the same transaction under
     /// `on_rejected = "quarantine"`, and the rest of the batch applies.
     pub async fn apply(&self, w: &Write<'_>) -> Result<Applied, ApplyError> {
-        self.timed("batch", self.apply_inner(w)).await
+        // Each transaction has the time limit (see `attempt`), not the batch as a whole: a
+        // batch with many refused documents takes several, each bounded.
+        self.apply_inner(w).await
+    }
+
+    /// One transaction (or, unfenced, one sequence of writes) within the time limit.
+    async fn attempt(
+        &self,
+        txn: bool,
+        w: &Write<'_>,
+        part: &[Op],
+        quarantined: &[Quarantined],
+        careful: bool,
+        last: bool,
+    ) -> Result<(Rev, QuarantineWrite), TxnErr> {
+        let fut = async {
+            if txn {
+                self.apply_in_txn(w, part, quarantined, careful, last).await
+            } else {
+                self.apply_plain(w, part, quarantined, careful, last).await
+            }
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(res) => res,
+            Err(_) => Err(TxnErr::Apply(ApplyError::Unavailable(format!(
+                "follower `{}` did not answer within {} (batch; replication.write_timeout)",
+                self.name,
+                humantime::format_duration(self.timeout)
+            )))),
+        }
     }
 
     async fn apply_inner(&self, w: &Write<'_>) -> Result<Applied, ApplyError> {
@@ -331,16 +363,16 @@ impl Follower {
         // for its cache. The parts before the last carry no checkpoint (their replay is
         // harmless); the last part moves it.
         let mut limit = usize::MAX;
+        // After a refusal at op i, ops before i are applied as a part of their own first,
+        // so each refusal costs one more transaction, not a retry of the whole batch.
+        let mut cap: Option<usize> = None;
         loop {
-            let len = ops.len().min(limit);
+            let len = ops.len().min(limit).min(cap.take().unwrap_or(usize::MAX));
             let last = len == ops.len();
             let part = &ops[..len];
-            let res = if txn {
-                self.apply_in_txn(w, part, &quarantined, careful, last)
-                    .await
-            } else {
-                self.apply_plain(w, part, &quarantined, careful, last).await
-            };
+            let res = self
+                .attempt(txn, w, part, &quarantined, careful, last)
+                .await;
             match res {
                 Ok((rev, q)) if last => {
                     for (rec, new) in quarantined.iter_mut().zip(q.inserted) {
@@ -361,6 +393,9 @@ impl Follower {
                 }
                 Err(TxnErr::TooLarge(msg)) => {
                     // One document alone does not fit in a transaction on this follower.
+                    if ops.is_empty() {
+                        return Err(ApplyError::Rejected(msg));
+                    }
                     let bad = ops.to_mut().remove(0);
                     if self.on_rejected == OnRejected::Stop {
                         return Err(ApplyError::Refused(format!(
@@ -409,6 +444,9 @@ impl Follower {
                         new: true,
                     });
                     ops.to_mut().remove(op);
+                    if op > 0 {
+                        cap = Some(op);
+                    }
                 }
                 Err(TxnErr::Apply(ApplyError::TransientTxn(msg))) => {
                     attempt += 1;
@@ -574,11 +612,11 @@ impl Follower {
             let cleared = self
                 .record_quarantine(Some(&mut *session), w, ops, quarantined)
                 .await
-                .map_err(TxnErr::Apply)?;
+                .map_err(|e| classify(TxnErr::Apply(e)))?;
             let rev = self
                 .store_checkpoint(Some(&mut *session), w.collection, w.next, w.term, w.expect)
                 .await
-                .map_err(TxnErr::Apply)?;
+                .map_err(|e| classify(TxnErr::Apply(e)))?;
             Ok::<_, TxnErr>((rev, cleared))
         };
         let out = match body.await {
@@ -648,7 +686,16 @@ impl Follower {
     ) -> Result<QuarantineWrite, ApplyError> {
         let ns = self.pipeline_id(w.collection);
         let mut cleared = 0;
-        if w.clear_quarantine && !ops.is_empty() {
+        if w.reset_quarantine {
+            let cmd = doc! {
+                "delete": QUARANTINE_COLLECTION,
+                "deletes": [{"q": {"_id.ns": {"$eq": &ns}}, "limit": 0}],
+            };
+            let res = self
+                .command(&self.state_db, cmd, session.as_deref_mut())
+                .await?;
+            cleared += res.get("n").and_then(bson_i64).unwrap_or(0) as u64;
+        } else if w.clear_quarantine && !ops.is_empty() {
             let ids: Vec<Bson> = ops
                 .iter()
                 .map(|op| Bson::Document(quarantine_id(&ns, op.id())))
@@ -1065,7 +1112,9 @@ impl TxnErr {
 /// The test server reports it wrapped in an InternalError whose text carries the code.
 fn classify(e: TxnErr) -> TxnErr {
     match e {
-        TxnErr::Apply(ApplyError::Unavailable(m)) | TxnErr::Apply(ApplyError::TransientTxn(m))
+        TxnErr::Apply(ApplyError::Unavailable(m))
+        | TxnErr::Apply(ApplyError::TransientTxn(m))
+        | TxnErr::Apply(ApplyError::Rejected(m))
             if m.contains("(code 388)")
                 || m.contains("code: 388")
                 || m.contains("TransactionTooLargeForCache") =>
@@ -1120,6 +1169,9 @@ fn check_write_result(
     op_of: impl Fn(usize) -> Option<usize>,
 ) -> Result<(), TxnErr> {
     if let Some((index, code, msg)) = first_write_error(res) {
+        if code == 388 {
+            return Err(TxnErr::TooLarge(msg));
+        }
         if is_conflict(code) && !careful {
             return Err(TxnErr::Conflict(msg));
         }

@@ -50,6 +50,9 @@ pub struct Pair {
     /// The revision of the follower's checkpoint this pipeline last read or wrote; every
     /// write swaps it, so a follower that changed underneath is noticed (see [`Follower`]).
     pub rev: std::sync::Mutex<Rev>,
+    /// Events (or documents, in a copy) asked for per batch from the source
+    /// (`batch_max_docs` at first, halved when a reply was too large).
+    pub stream_batch: std::sync::atomic::AtomicU32,
 }
 
 /// How a pipeline ended.
@@ -80,6 +83,8 @@ enum PairError {
     TooLarge(String),
     /// Reopen the stream at once (after a batch read in the degraded mode).
     Reopen,
+    /// The source sent a reply too large for the driver: ask for fewer events per batch.
+    ReplyTooLarge(String),
     Stopped,
 }
 
@@ -99,6 +104,8 @@ fn source_err(e: mongodb::error::Error) -> PairError {
         PairError::HistoryLost(describe(&e))
     } else if is_too_large(&e) {
         PairError::TooLarge(describe(&e))
+    } else if is_reply_too_large(&e) {
+        PairError::ReplyTooLarge(describe(&e))
     } else {
         PairError::Transient(format!("source: {}", describe(&e)))
     }
@@ -109,6 +116,13 @@ fn source_err(e: mongodb::error::Error) -> PairError {
 fn is_too_large(e: &mongodb::error::Error) -> bool {
     matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c)
         if c.code == 10334 || c.code == 17419 || c.code_name == "BSONObjectTooLarge")
+}
+
+/// A reply past the driver's message limit (48 MB): MongoDB caps a batch at 16 MB, but a
+/// server that does not (the test server) can send more events in one batch than that.
+fn is_reply_too_large(e: &mongodb::error::Error) -> bool {
+    matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidResponse { message, .. }
+        if message.contains("over maximum"))
 }
 
 /// A raw document from the server, decoded; one that does not decode stops the pair with
@@ -214,6 +228,19 @@ impl Pair {
                     continue;
                 }
                 PairError::Reopen => continue,
+                PairError::ReplyTooLarge(msg) => {
+                    let now = self.stream_batch.load(std::sync::atomic::Ordering::Relaxed);
+                    let next = (now / 2).max(1);
+                    self.stream_batch
+                        .store(next, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, batch = next, "the source's reply was too large; asking for fewer events per batch");
+                    if now == 1 {
+                        // Even one event per batch is too large: read it without its
+                        // document and re-read that by `_id`.
+                        degraded = true;
+                    }
+                    continue;
+                }
                 PairError::Reload(msg) => {
                     reloads += 1;
                     tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %msg, "reloading the follower's checkpoint");
@@ -262,6 +289,9 @@ impl Pair {
                 // Another writer or a restore moved the checkpoint: the next round reads
                 // it, and marks again if it is not a resync mark.
                 Err(PairError::Reload(_)) => pending = Some(PairError::Resync(resync)),
+                // A stop (the follower cannot be fenced, say) waits for a new request;
+                // anything else retries the resync after its backoff.
+                Err(e @ PairError::Fatal(_)) => pending = Some(e),
                 Err(e) => {
                     self.stats.request_resync();
                     pending = Some(e);
@@ -273,9 +303,19 @@ impl Pair {
     /// A stopped pipeline waits here, in state `stopped`, until a resync is requested (true)
     /// or the node stops leading or shuts down (false).
     async fn wait_for_resync(&self, stop: &CancellationToken) -> bool {
+        let mut polls = 0u32;
         loop {
             if self.stats.take_resync_request() {
                 return true;
+            }
+            // `mongo-replicator resync` where no node answered marks the follower itself.
+            polls += 1;
+            if polls % 10 == 0 {
+                if let Ok(Stored::Resync { .. }) =
+                    self.follower.load_checkpoint(&self.collection).await
+                {
+                    return true;
+                }
             }
             if !sleep_or_stop(stop, Duration::from_millis(200)).await {
                 return false;
@@ -300,6 +340,7 @@ impl Pair {
                 term: self.authority.term(),
                 expect: &expect,
                 clear_quarantine: false,
+                reset_quarantine: false,
             })
             .await?;
         self.set_rev(applied.rev);
@@ -433,7 +474,15 @@ impl Pair {
                 let after = cp.copy_after.clone().unwrap_or(Bson::Null);
                 (cp, after)
             }
-            None => (self.capture_now().await?, Bson::Null),
+            None => {
+                // The copy's start is recorded on the follower (so a crash resumes it, and
+                // its quarantine starts afresh: the copy writes every document again).
+                let mut base = self.capture_now().await?;
+                base.copy_after = Some(Bson::Null);
+                self.commit(Vec::new(), base.clone(), 0, false).await?;
+                self.stats.set_quarantined(0);
+                (base, Bson::Null)
+            }
         };
         let filter = if after == Bson::Null {
             doc! {}
@@ -450,7 +499,11 @@ impl Pair {
                 coll.clone_with_type::<RawDocumentBuf>()
                     .find(filter)
                     .sort(doc! {"_id": 1})
-                    .batch_size(self.config.replication.batch_max_docs.min(10_000) as u32)
+                    .batch_size(
+                        self.stream_batch
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                            .clamp(1, 10_000),
+                    )
                     .into_future(),
             )
             .await?;
@@ -629,6 +682,8 @@ impl Pair {
                 term: self.authority.term(),
                 expect: &expect,
                 clear_quarantine: self.stats.quarantined() > 0,
+                // Only the copy's start marker: no ops, nothing copied yet.
+                reset_quarantine: ops.is_empty() && cp.copy_after == Some(Bson::Null),
             })
             .await
         {
@@ -820,6 +875,11 @@ impl Pair {
             .watch()
             .pipeline([doc! {"$project": project}])
             .start_after(token)
+            .batch_size(
+                self.stream_batch
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .max(1),
+            )
             .max_await_time(MAX_AWAIT);
         let watch = if degraded {
             watch
@@ -1014,7 +1074,11 @@ impl Pair {
                 }
             }
             OperationType::Delete => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
-                Some(id) => batch.ops.push(Op::Delete { id: id.clone() }),
+                Some(id) => {
+                    batch.bytes +=
+                        mongodb::bson::to_vec(&doc! {"_id": id.clone()}).map_or(0, |v| v.len());
+                    batch.ops.push(Op::Delete { id: id.clone() });
+                }
                 None => {
                     tracing::warn!(follower = %self.name(), collection = %self.collection, "delete event without documentKey._id; skipped");
                     self.stats.skipped("no_document_key");
@@ -1116,11 +1180,7 @@ async fn read_stream(
     loop {
         let item = match stream.next_if_any().await {
             Ok(Some(ev)) => {
-                let size = ev
-                    .full_document
-                    .as_ref()
-                    .map(|d| d.as_bytes().len())
-                    .unwrap_or(0);
+                let size = event_bytes(&ev);
                 // One event larger than the whole budget takes all of it.
                 let kib = ((size / 1024) as u32).clamp(1, budget_kib);
                 let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
@@ -1144,6 +1204,27 @@ async fn read_stream(
             return;
         }
     }
+}
+
+/// What an event holds in memory, roughly: its document, or for a delete its document key
+/// (an `_id` can be large), plus its resume token (which on MongoDB embeds the `_id`).
+fn event_bytes(ev: &ChangeStreamEvent<RawDocumentBuf>) -> usize {
+    let doc = match &ev.full_document {
+        Some(d) => d.as_bytes().len(),
+        None => ev
+            .document_key
+            .as_ref()
+            .and_then(|k| mongodb::bson::to_vec(k).ok())
+            .map_or(0, |v| v.len()),
+    };
+    let token = mongodb::bson::to_bson(&ev.id)
+        .ok()
+        .and_then(|t| {
+            t.as_document()
+                .and_then(|d| d.get_str("_data").ok().map(str::len))
+        })
+        .unwrap_or(0);
+    doc + token
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

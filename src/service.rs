@@ -166,6 +166,9 @@ async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Resul
                     stats: node.status.pair(c, &f.name),
                     authority: auth.clone(),
                     rev: std::sync::Mutex::new(crate::follower::Rev::Absent),
+                    stream_batch: std::sync::atomic::AtomicU32::new(
+                        cfg.replication.batch_max_docs as u32,
+                    ),
                 };
                 pipes.spawn(pair.run(pipes_stop.clone()));
             }

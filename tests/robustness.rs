@@ -523,3 +523,339 @@ async fn a_large_document_whose_large_field_is_replaced_arrives() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_backlog_larger_than_one_reply_is_caught_up() {
+    // Found by the memory benchmark: a server that does not cap a change-stream batch at
+    // 16 MB (the test server) sent a backlog as one reply past the driver's 48 MB limit, and
+    // the pair retried the same read forever. The stream asks for fewer events per batch.
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\nbatch_max_docs = 100000\n");
+    let mut r = Replicator::start(&cfg, "n1");
+    wait_for("streaming", CONVERGE, || async {
+        first_state(&r).await.as_deref() == Some("streaming")
+    })
+    .await;
+    r.terminate().await;
+    let s = src.coll("data").await;
+    // 52 MB in all, past the driver's limit for one reply.
+    let payload = "x".repeat(2000);
+    for chunk in 0..26 {
+        let docs: Vec<mongodb::bson::Document> = (0..1000)
+            .map(|i| doc! {"dataId": format!("k{chunk}-{i}"), "payload": &payload})
+            .collect();
+        s.insert_many(docs).await.unwrap();
+    }
+    r.spawn();
+    wait_identical(&s, &[f1.coll("data").await], Duration::from_secs(240)).await;
+}
+
+// Regression tests from the second review: each failed before its fix.
+
+async fn unique_email(f: &Server) {
+    f.coll("data")
+        .await
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"email": 1})
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Found by review: one batch with many documents the follower refuses for good (a unique
+/// index the source lacks). Each refusal used to cost a retry of the whole rest of the
+/// batch, all within one `write_timeout`, so the batch never completed. Now each refusal
+/// costs one transaction, each with its own time limit, and later writes arrive.
+#[tokio::test]
+async fn many_refused_documents_in_one_batch_are_quarantined_in_bounded_time() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    unique_email(&f1).await;
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "first", "email": "same"})
+        .await
+        .unwrap();
+    let f = f1.coll("data").await;
+    wait_for("first arrives", CONVERGE, || async {
+        f.count_documents(doc! {"dataId": "first"}).await.unwrap() == 1
+    })
+    .await;
+    let n: usize = std::env::var("MR_REFUSED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let docs: Vec<_> = (0..n)
+        .map(|i| doc! {"dataId": format!("dup{i:05}"), "email": "same"})
+        .collect();
+    s.insert_many(docs).await.unwrap();
+    s.insert_one(doc! {"dataId": "after", "email": "other"})
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let arrived = poll_until(Duration::from_secs(150), || async {
+        f.count_documents(doc! {"dataId": "after"})
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    let log = r.log();
+    let timeouts = log.matches("did not answer within").count();
+    eprintln!(
+        "arrived={arrived} after {:?}; batch timeouts in log: {timeouts}; quarantined={}",
+        started.elapsed(),
+        quarantined_of(&r, "f1").await
+    );
+    assert!(
+        arrived,
+        "a write after {n} refused documents never reached the follower in 150s (the pair is stuck retrying one batch); {timeouts} timeouts; state: {:?}",
+        r.status().await.map(|s| s["followers"][0].clone())
+    );
+}
+
+/// Found by review: a pipeline stopped for an unfenced (standalone) follower, asked to
+/// resync, spun: every failed mark re-requested a resync, taken at once. It must wait.
+#[tokio::test]
+async fn a_resync_of_a_pipeline_stopped_for_an_unfenced_follower_does_not_spin() {
+    let src = Server::start().await;
+    let f1 = Server::start_with(ServerOpts {
+        standalone: true,
+        ..Default::default()
+    })
+    .await;
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    r.wait_stopped_with("cannot run transactions", CONVERGE)
+        .await;
+    let before = r.log().matches("pipeline stopped").count();
+    assert_eq!(post(&r, "/resync/f1").await, 202);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = r.log().matches("pipeline stopped").count();
+    let log_len = r.log().len();
+    eprintln!("'pipeline stopped' lines: {before} before the resync request, {after} 5s after; log {log_len} bytes");
+    assert!(
+        after - before < 20,
+        "the stopped pipeline looped {} times in 5 s after one resync request",
+        after - before
+    );
+}
+
+/// Found by review: `mongo-replicator resync` run where no node answers marks the follower,
+/// and says the running leader copies it; a pipeline the leader held stopped never looked
+/// at the mark. It must.
+#[tokio::test]
+async fn an_offline_resync_restarts_a_pipeline_the_running_leader_holds_stopped() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\nmissing_key = \"fail\"\n");
+    let mut nodes = start_nodes(&cfg, 2);
+    let leader = loop {
+        let l = leaders(&nodes).await;
+        if l.len() == 1 {
+            break l[0];
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let other = 1 - leader;
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "a"}).await.unwrap();
+    s.insert_one(doc! {"_id": "bad", "other": 1}).await.unwrap();
+    nodes[leader]
+        .wait_stopped_with("no `dataId` field", CONVERGE)
+        .await;
+    // Fixed on the source; the standby's host is down; the operator runs the CLI there.
+    s.update_one(doc! {"_id": "bad"}, doc! {"$set": {"dataId": "fixed"}})
+        .await
+        .unwrap();
+    nodes[other].kill9();
+    let out = std::process::Command::new(bin())
+        .args(["resync", "--config"])
+        .arg(&nodes[other].config_path)
+        .args(["--follower", "f1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("resync CLI: {:?} {text}", out.status);
+    assert!(out.status.success());
+    s.insert_one(doc! {"dataId": "c"}).await.unwrap();
+    let ok = poll_until(Duration::from_secs(40), || async {
+        f1.coll("data")
+            .await
+            .count_documents(doc! {"dataId": "c"})
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    assert!(
+        ok,
+        "the leader's pipeline stayed stopped after `resync` said it would copy: {:?}",
+        nodes[leader]
+            .status()
+            .await
+            .map(|s| s["followers"][0].clone())
+    );
+}
+
+/// Found by review: read-ahead and batches counted the bytes of documents only, so deletes
+/// of documents with large `_id`s piled up in memory while the follower was slow. Their
+/// keys count now: memory stays near batch_max_bytes (1 MiB here).
+#[tokio::test]
+async fn deletes_of_large_ids_are_bounded_in_bytes() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let cfg = ConfigBuilder::new(&src, &[&f1])
+        .extra("[replication]\nbatch_max_bytes = \"1MiB\"\nwrite_timeout = \"120s\"\n");
+    let s = src.coll("data").await;
+    let n: usize = std::env::var("MR_BIGIDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1100);
+    let id_kib: usize = 40;
+    let r = Replicator::start(&cfg, "n1");
+    let f = f1.coll("data").await;
+    for i in 0..n {
+        let id = format!("{i:06}{}", "x".repeat(id_kib * 1024));
+        s.insert_one(doc! {"_id": id, "dataId": format!("k{i}")})
+            .await
+            .unwrap();
+        if i % 50 == 49 {
+            // Keep the source's getMore replies small (the test server does not cap them).
+            wait_for("follower keeps up", Duration::from_secs(120), || async {
+                f.count_documents(doc! {}).await.unwrap_or(0) == (i + 1) as u64
+            })
+            .await;
+        }
+    }
+    wait_for("copied", Duration::from_secs(120), || async {
+        f.count_documents(doc! {}).await.unwrap_or(0) == n as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base = r.peak_rss_kib().unwrap();
+    // The follower is slow for a while: changes queue up in the replicator, as designed,
+    // but only up to the byte budget... except deletes.
+    f1.pause();
+    let ids: Vec<String> = (0..n)
+        .map(|i| format!("{i:06}{}", "x".repeat(id_kib * 1024)))
+        .collect();
+    for id in &ids {
+        s.delete_one(doc! {"_id": id}).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peak = r.peak_rss_kib().unwrap();
+    f1.resume();
+    eprintln!("peak RSS after inserts {base} KiB, with {n} deletes queued {peak} KiB");
+    wait_for("deleted", Duration::from_secs(180), || async {
+        f.count_documents(doc! {}).await.unwrap_or(1) == 0
+    })
+    .await;
+    assert!(
+        peak < base + 24 * 1024,
+        "{n} queued deletes of {id_kib} KiB _ids raised peak memory from {} MiB to {} MiB with batch_max_bytes = 1MiB",
+        base / 1024,
+        peak / 1024
+    );
+}
+
+/// Found by review: a quarantined document deleted on the source while the node was down,
+/// then the follower re-copied: its record stayed for ever, and check reported a difference
+/// on a follower identical to the source. A copy now starts the quarantine afresh.
+#[tokio::test]
+async fn a_resync_starts_the_quarantine_afresh() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    unique_email(&f1).await;
+    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "a", "email": "x"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "b", "email": "x"})
+        .await
+        .unwrap();
+    wait_for("b quarantined", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 1
+    })
+    .await;
+    r.terminate().await;
+    s.delete_one(doc! {"dataId": "b"}).await.unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["resync", "--config"])
+        .arg(&r.config_path)
+        .args(["--follower", "f1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    r.spawn();
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    s.insert_one(doc! {"dataId": "c", "email": "c"})
+        .await
+        .unwrap();
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let q = quarantined_of(&r, "f1").await;
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&r.config_path)
+        .args(["--recheck-delay", "300ms", "--recheck-rounds", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "status quarantined={q}; check exit {:?}:\n{text}",
+        out.status.code()
+    );
+    assert!(
+        q == 0 && out.status.code() == Some(0),
+        "follower identical to the source, yet quarantined={q} and check exits {:?}: {text}",
+        out.status.code()
+    );
+}
+
+/// Found by review: a transaction too large for the follower's cache (388) reported as a
+/// statement's write error (not a command error) was retried whole, for ever. It is split.
+#[tokio::test]
+async fn a_batch_too_large_for_the_cache_reported_as_a_write_error_is_split() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let s = src.coll("data").await;
+    let f = f1.coll("data").await;
+    let n = 1100usize;
+    for i in 0..n {
+        let id = format!("{i:06}{}", "x".repeat(40 * 1024));
+        s.insert_one(doc! {"_id": id, "dataId": format!("k{i}")})
+            .await
+            .unwrap();
+        if i % 50 == 49 {
+            wait_for("follower keeps up", Duration::from_secs(120), || async {
+                f.count_documents(doc! {}).await.unwrap_or(0) == (i + 1) as u64
+            })
+            .await;
+        }
+    }
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    s.delete_many(doc! {}).await.unwrap();
+    s.insert_one(doc! {"dataId": "after"}).await.unwrap();
+    let ok = poll_until(Duration::from_secs(120), || async {
+        f.count_documents(doc! {"dataId": "after"})
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    let log = r.log();
+    eprintln!(
+        "388 retries in log: {}; 'splitting' lines: {}",
+        log.matches("(code 388) retry_in").count(),
+        log.matches("splitting the batch").count()
+    );
+    assert!(
+        ok,
+        "a write after one large delete batch never arrived in 120s; follower holds {} of the deleted documents",
+        f.count_documents(doc! {"dataId": {"$ne": "after"}}).await.unwrap()
+    );
+}
