@@ -39,6 +39,10 @@ pub const QUARANTINE_COLLECTION: &str = "quarantine";
 const WRITER_SESSIONS_COLLECTION: &str = "writer_sessions";
 /// Statements are split into commands of at most this many bytes, below the 16 MiB limit.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+/// Most ops moved to the end of a batch after a duplicate key (a swap involves few).
+const MAX_DEFERRED: usize = 8;
+/// Ops per transaction after a refusal, doubling with each part that applies.
+const REFUSAL_PART: usize = 8;
 /// How often a transaction that failed with a TransientTransactionError (a write conflict,
 /// a primary change) is retried in place before the error reaches the pipeline.
 const TRANSIENT_TXN_RETRIES: u32 = 10;
@@ -319,6 +323,28 @@ impl Follower {
         self.apply_inner(w).await
     }
 
+    /// A document the follower refuses for good: its quarantine record, or under
+    /// `on_rejected = "stop"` the error that stops the pair.
+    fn refuse(&self, bad: Op, code: i32, msg: String) -> Result<Quarantined, ApplyError> {
+        if self.on_rejected == OnRejected::Stop {
+            return Err(ApplyError::Refused(format!(
+                "follower refused the document with _id {} for good: {msg}; on_rejected = \"stop\" (fix the document or the follower, then resync)",
+                bad.id()
+            )));
+        }
+        let key = match &bad {
+            Op::Upsert { key, .. } => key.clone(),
+            Op::Delete { .. } => None,
+        };
+        Ok(Quarantined {
+            id: bad.id().clone(),
+            key,
+            code,
+            error: msg,
+            new: true,
+        })
+    }
+
     /// One transaction (or, unfenced, one sequence of writes) within the time limit.
     async fn attempt(
         &self,
@@ -386,6 +412,8 @@ impl Follower {
                 }
                 Ok(_) => {
                     ops.to_mut().drain(..len);
+                    // Parts grow back after a refusal or a split.
+                    limit = limit.saturating_mul(2);
                 }
                 Err(TxnErr::TooLarge(msg)) if len > 1 => {
                     tracing::info!(follower = %self.name, collection = w.collection, ops = len, error = %msg, "transaction too large for the follower; splitting the batch");
@@ -397,56 +425,31 @@ impl Follower {
                         return Err(ApplyError::Rejected(msg));
                     }
                     let bad = ops.to_mut().remove(0);
-                    if self.on_rejected == OnRejected::Stop {
-                        return Err(ApplyError::Refused(format!(
-                            "follower cannot take the document with _id {} in a transaction: {msg}; on_rejected = \"stop\"",
-                            bad.id()
-                        )));
-                    }
-                    let key = match &bad {
-                        Op::Upsert { key, .. } => key.clone(),
-                        Op::Delete { .. } => None,
-                    };
-                    quarantined.push(Quarantined {
-                        id: bad.id().clone(),
-                        key,
-                        code: 388,
-                        error: msg,
-                        new: true,
-                    });
+                    quarantined.push(self.refuse(bad, 388, msg)?);
                 }
                 Err(TxnErr::Conflict(_)) if !careful => careful = true,
                 Err(TxnErr::Rejected { op, code, msg }) => {
                     let Some(bad) = ops.get(op).cloned() else {
                         return Err(ApplyError::Rejected(msg));
                     };
-                    if is_conflict(code) && op + 1 < ops.len() && !deferred.contains(bad.id()) {
+                    if is_conflict(code)
+                        && op + 1 < ops.len()
+                        && deferred.len() < MAX_DEFERRED
+                        && !deferred.contains(bad.id())
+                    {
                         deferred.push(bad.id().clone());
                         let moved = ops.to_mut().remove(op);
                         ops.to_mut().push(moved);
                         continue;
                     }
-                    if self.on_rejected == OnRejected::Stop {
-                        return Err(ApplyError::Refused(format!(
-                            "follower refused the document with _id {} for good: {msg}; on_rejected = \"stop\" (fix the document or the follower, then resync)",
-                            bad.id()
-                        )));
-                    }
-                    let key = match &bad {
-                        Op::Upsert { key, .. } => key.clone(),
-                        Op::Delete { .. } => None,
-                    };
-                    quarantined.push(Quarantined {
-                        id: bad.id().clone(),
-                        key,
-                        code,
-                        error: msg,
-                        new: true,
-                    });
+                    quarantined.push(self.refuse(bad, code, msg)?);
                     ops.to_mut().remove(op);
                     if op > 0 {
                         cap = Some(op);
                     }
+                    // Where one document is refused, more often are (a batch of duplicates):
+                    // small parts keep each further refusal cheap.
+                    limit = limit.min(REFUSAL_PART);
                 }
                 Err(TxnErr::Apply(ApplyError::TransientTxn(msg))) => {
                     attempt += 1;

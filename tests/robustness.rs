@@ -213,20 +213,7 @@ async fn a_document_a_follower_refuses_is_quarantined_and_the_pair_goes_on() {
         Server::start().await,
     );
     // f1 has a unique index the source does not have: it refuses a second "x@example".
-    f1.coll("data")
-        .await
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! {"email": 1})
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .unique(true)
-                        .build(),
-                )
-                .build(),
-        )
-        .await
-        .unwrap();
+    unique_email(&f1).await;
     let cfg = ConfigBuilder::new(&src, &[&f1, &f2]);
     let r = Replicator::start(&cfg, "n1");
     let s = src.coll("data").await;
@@ -325,20 +312,7 @@ async fn a_document_a_follower_refuses_is_quarantined_and_the_pair_goes_on() {
 #[tokio::test]
 async fn a_quarantined_document_leaves_the_quarantine_when_a_later_version_applies() {
     let (src, f1) = (Server::start().await, Server::start().await);
-    f1.coll("data")
-        .await
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! {"email": 1})
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .unique(true)
-                        .build(),
-                )
-                .build(),
-        )
-        .await
-        .unwrap();
+    unique_email(&f1).await;
     let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
     let s = src.coll("data").await;
     s.insert_one(doc! {"dataId": "a", "email": "x"})
@@ -366,18 +340,7 @@ async fn a_quarantined_document_leaves_the_quarantine_when_a_later_version_appli
 async fn under_on_rejected_stop_the_pair_stops_and_a_resync_restarts_it() {
     let (src, f1) = (Server::start().await, Server::start().await);
     let f = f1.coll("data").await;
-    f.create_index(
-        mongodb::IndexModel::builder()
-            .keys(doc! {"email": 1})
-            .options(
-                mongodb::options::IndexOptions::builder()
-                    .unique(true)
-                    .build(),
-            )
-            .build(),
-    )
-    .await
-    .unwrap();
+    unique_email(&f1).await;
     let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\non_rejected = \"stop\"\n");
     let r = Replicator::start(&cfg, "n1");
     let s = src.coll("data").await;
