@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Validates the deployment files without a container engine:
 #   - docker/docker-compose.yml parses and resolves (docker-compose, or the compose plugin);
-#   - shellcheck passes on every *.sh under scripts/ and docker/, and on .ci/run.
+#   - shellcheck passes on every *.sh under scripts/ and docker/, and on .ci/run;
+#   - the Prometheus alert rules pass `promtool check rules` and their unit tests
+#     (`promtool test rules`), and every query of the Grafana dashboard parses.
 # Run from anywhere. Runs every check, then exits 1 if any failed (2 if a tool is missing).
 #
-# Needs: docker-compose (Debian package `docker-compose`) or `docker compose`; shellcheck.
+# Needs: docker-compose (Debian package `docker-compose`) or `docker compose`; shellcheck;
+# promtool (Debian package `prometheus`); python3.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,6 +47,40 @@ if ((${#scripts[@]} == 0)); then
 elif shellcheck --external-sources "${scripts[@]}"; then
     printf 'ok: %s\n' "${scripts[@]}"
 else
+    status=1
+fi
+
+echo "== alert rules and dashboard"
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "error: promtool is not installed (Debian package prometheus)" >&2
+    exit 2
+fi
+if ! (cd deploy/prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml); then
+    status=1
+fi
+# Every query of the dashboard, checked by promtool as a recording rule.
+queries="$(mktemp)"
+trap 'rm -f "$queries"' EXIT
+if python3 - deploy/grafana/mongo-replicator.json >"$queries" <<'PY'
+import json, sys
+dash = json.load(open(sys.argv[1]))
+print("groups:\n  - name: dashboard\n    rules:")
+n = 0
+for panel in dash["panels"]:
+    for target in panel.get("targets", []):
+        n += 1
+        expr = target["expr"].replace("'", "''")
+        print(f"      - record: dashboard_query_{n}\n        expr: '{expr}'")
+PY
+then
+    if promtool check rules "$queries" >/dev/null; then
+        echo "ok: every dashboard query parses"
+    else
+        promtool check rules "$queries" || true
+        status=1
+    fi
+else
+    echo "error: deploy/grafana/mongo-replicator.json is not a dashboard" >&2
     status=1
 fi
 

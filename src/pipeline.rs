@@ -537,6 +537,7 @@ impl Pair {
                     return Err(PairError::Stopped);
                 }
             }
+            self.stats.copy_progress(done, total);
             if last_log.elapsed() >= Duration::from_secs(2) || finished {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 tracing::info!(

@@ -124,6 +124,19 @@ impl PairStats {
             .inc();
     }
 
+    /// Progress of an initial sync: `done` of `total` documents copied.
+    pub fn copy_progress(&self, done: u64, total: u64) {
+        let labels = [self.follower.as_str(), self.collection.as_str()];
+        self.metrics
+            .copy_done
+            .with_label_values(&labels)
+            .set(done as i64);
+        self.metrics
+            .copy_total
+            .with_label_values(&labels)
+            .set(total as i64);
+    }
+
     /// The number of quarantined documents, as read from the follower.
     pub fn set_quarantined(&self, n: u64) {
         self.quarantined.store(n, Ordering::Relaxed);
@@ -254,6 +267,8 @@ pub struct Metrics {
     pending: IntGaugeVec,
     quarantined: IntGaugeVec,
     quarantined_total: IntCounterVec,
+    copy_done: IntGaugeVec,
+    copy_total: IntGaugeVec,
     role: IntGauge,
     term: IntGauge,
 }
@@ -370,6 +385,22 @@ impl Metrics {
             fc,
         )
         .expect("metric");
+        let copy_done = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_initial_sync_done_documents",
+                "Documents copied so far by the running (or last) initial sync",
+            ),
+            fc,
+        )
+        .expect("metric");
+        let copy_total = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_initial_sync_total_documents",
+                "Documents the running (or last) initial sync has to copy",
+            ),
+            fc,
+        )
+        .expect("metric");
         let role = IntGauge::new(
             "mongo_replicator_leader",
             "1 when this node holds the lease",
@@ -391,6 +422,8 @@ impl Metrics {
             Box::new(pending.clone()),
             Box::new(quarantined.clone()),
             Box::new(quarantined_total.clone()),
+            Box::new(copy_done.clone()),
+            Box::new(copy_total.clone()),
             Box::new(role.clone()),
             Box::new(term.clone()),
         ] {
@@ -411,6 +444,8 @@ impl Metrics {
             pending,
             quarantined,
             quarantined_total,
+            copy_done,
+            copy_total,
             role,
             term,
         }
@@ -514,6 +549,20 @@ impl NodeStatus {
             PairState::Stopped,
             Some("standby: this node does not hold the lease".into()),
         );
+        // Every series of the pair exists from the start (at zero), so that dashboards and
+        // `increase()` in alert rules see them before the first event.
+        let labels = [follower, collection];
+        let m = &self.metrics;
+        m.applied.with_label_values(&labels);
+        m.failed.with_label_values(&labels);
+        m.quarantined.with_label_values(&labels);
+        m.quarantined_total.with_label_values(&labels);
+        m.pending.with_label_values(&labels);
+        m.copy_done.with_label_values(&labels);
+        m.copy_total.with_label_values(&labels);
+        for reason in ["missing_key", "unusable_key", "duplicate_key", "gone"] {
+            m.skipped.with_label_values(&[follower, collection, reason]);
+        }
         pairs.push(p.clone());
         p
     }

@@ -348,3 +348,71 @@ async fn json_logs_and_oplog_headroom_are_reported() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
     }
 }
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut used = BTreeSet::new();
+    for file in [
+        "deploy/grafana/mongo-replicator.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("mongo_replicator_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            // Histogram series are named after their family.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name)
+                .to_string();
+            used.insert(family);
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+
+    // A node that replicated something exports every family.
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "node-1");
+    let s = src.coll("data").await;
+    s.insert_one(doc! {"dataId": "m"}).await.unwrap();
+    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
+    wait_for("streaming", CONVERGE, || async {
+        r.status()
+            .await
+            .is_some_and(|st| st["followers"][0]["state"] == "streaming")
+    })
+    .await;
+    // Oplog headroom is measured every few seconds.
+    let scrape = || async {
+        reqwest::get(r.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    wait_for("headroom measured", CONVERGE, || async {
+        scrape()
+            .await
+            .contains("mongo_replicator_oplog_headroom_seconds{")
+    })
+    .await;
+    let text = scrape().await;
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "used by the dashboard or the alert rules but not exported: {missing:?}"
+    );
+}
