@@ -25,6 +25,30 @@ fn http() -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// `mongo-replicator healthz`: asks the node on `[http] listen` for `/healthz`; exit 0 when
+/// it answers 200 within 3 s, 1 otherwise (a container healthcheck that needs no curl).
+pub async fn healthz(config: &Config) -> ExitCode {
+    let url = format!("{}/healthz", base_url(config));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap_or_default();
+    match client.get(&url).send().await {
+        Ok(resp) if resp.status().is_success() => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("error: {url} answered {}", resp.status());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {url}: {}", crate::config::redact(&e.to_string()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub async fn status(config: &Config, json: bool) -> ExitCode {
     let url = format!("{}/status", base_url(config));
     let resp = match http().get(&url).send().await {

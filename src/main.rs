@@ -38,6 +38,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exit 0 when the node on `[http] listen` answers `/healthz` (a container healthcheck
+    /// that needs no curl).
+    Healthz {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Copy one follower again from the source; it then streams as before.
     Resync {
         #[arg(long)]
@@ -110,6 +116,13 @@ async fn run(cli: Cli) -> ExitCode {
                     Err(code) => return code,
                 };
                 mongo_replicator::cli::status(&config, json).await
+            }
+            Command::Healthz { config } => {
+                let config = match load(&config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                mongo_replicator::cli::healthz(&config).await
             }
             Command::Resync { config, follower } => {
                 let config = match load(&config) {

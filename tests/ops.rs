@@ -416,3 +416,32 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
         "used by the dashboard or the alert rules but not exported: {missing:?}"
     );
 }
+
+#[tokio::test]
+async fn the_healthz_command_reports_the_node_for_container_healthchecks() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "node-1");
+    let healthz = |config: &std::path::Path| {
+        std::process::Command::new(bin())
+            .args(["healthz", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    wait_for("healthz answers", CONVERGE, || async {
+        healthz(&r.config_path).status.success()
+    })
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&healthz(&r.config_path).stdout).trim(),
+        "ok"
+    );
+    r.terminate().await;
+    let out = healthz(&r.config_path);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/healthz") && !err.contains("panicked"),
+        "{err}"
+    );
+}
