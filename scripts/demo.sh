@@ -5,30 +5,63 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SERVER="$(scripts/install-test-server.sh | tail -n 1)"
-cargo build --quiet --bin mongo-replicator --example sample_writer
-BIN=target/debug/mongo-replicator
-WRITER=target/debug/examples/sample_writer
-
 DEMO="$(mktemp -d "${TMPDIR:-/tmp}/mongo-replicator-demo.XXXXXX")"
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$DEMO"
+    if [[ -n "${DEMO_KEEP:-}" ]]; then echo "kept $DEMO" >&2; else rm -rf "$DEMO"; fi
+    rm -f "${BUILD_LOG:-}"
 }
 trap cleanup EXIT
+
+# The replicator builds in the background while the servers are prepared.
+echo "== building the replicator (the first time takes a few minutes)"
+BUILD_LOG="$(mktemp)"
+cargo build --quiet --bin mongo-replicator --example sample_writer >"$BUILD_LOG" 2>&1 &
+BUILD=$!
+PIDS+=("$BUILD")
+BIN=target/debug/mongo-replicator
+WRITER=target/debug/examples/sample_writer
+
+# The servers: the compiled test server when it is installed (the test suite's; building it
+# takes about 8 minutes, once per machine), otherwise SecantusDB's Python build, which
+# installs in seconds from the Python package index into a private virtualenv. DEMO_SERVER
+# (compiled | python) forces one.
+SERVER_KIND="${DEMO_SERVER:-}"
+if [[ -z "$SERVER_KIND" ]]; then
+    if scripts/install-test-server.sh --installed >/dev/null 2>&1; then
+        SERVER_KIND=compiled
+    else
+        SERVER_KIND=python
+    fi
+fi
+SERVER_ARGS=()
+if [[ "$SERVER_KIND" == compiled ]]; then
+    SERVER="$(scripts/install-test-server.sh | tail -n 1)"
+    SERVER_ARGS=(--log-file-max 16MB)
+else
+    VENV="${HOME}/.cache/mongo-replicator/secantus-py"
+    if [[ ! -x "$VENV/bin/secantusd-py" ]]; then
+        echo "== installing the test server's Python build (seconds)"
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check "SecantusDB==0.7.0b3"
+    fi
+    SERVER="$VENV/bin/secantusd-py"
+fi
+
 
 # Starts a server in this shell (so that cleanup can stop it) and sets PORT to its port.
 start_server() {
     local name=$1
     mkdir -p "$DEMO/$name"
-    "$SERVER" --host 127.0.0.1 --port 0 --storage-path "$DEMO/$name" --log-file-max 16MB \
+    "$SERVER" --host 127.0.0.1 --port 0 --storage-path "$DEMO/$name" "${SERVER_ARGS[@]}" \
         --cache-size 256M >"$DEMO/$name.out" 2>"$DEMO/$name.err" &
     PIDS+=($!)
     PORT=""
-    for _ in $(seq 1 100); do
-        PORT=$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$DEMO/$name.out" | head -n 1)
+    # The Python build takes a few seconds to start, more while the replicator compiles.
+    for _ in $(seq 1 600); do
+        PORT=$(cat "$DEMO/$name.out" "$DEMO/$name.err" 2>/dev/null | sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' | head -n 1)
         if [[ -n "$PORT" ]]; then return 0; fi
         sleep 0.1
     done
@@ -36,7 +69,7 @@ start_server() {
     return 1
 }
 
-echo "== starting a source and two followers"
+echo "== starting a source and two followers ($SERVER_KIND test server)"
 start_server source
 SRC=$PORT
 start_server follower-1
@@ -68,6 +101,13 @@ token_file = "$DEMO/tokens.json"
 [http]
 listen = "127.0.0.1:$HTTP_PORT"
 TOML
+
+if ! wait "$BUILD"; then
+    cat "$BUILD_LOG" >&2
+    echo "the replicator did not build" >&2
+    exit 1
+fi
+rm -f "$BUILD_LOG"
 
 echo "== writing 1000 documents before the replicator starts (they arrive by initial sync)"
 "$WRITER" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 1000

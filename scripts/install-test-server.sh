@@ -5,7 +5,8 @@
 #
 #   SECANTUS_ROOT  install prefix (default: $HOME/.cache/mongo-replicator/secantus)
 #
-# Prints the path of the server binary on its last line.
+# Prints the path of the server binary on its last line. With --installed, prints it only
+# if it is already installed, and otherwise exits 1 without building.
 set -euo pipefail
 
 VERSION="0.5.3-beta.196"
@@ -16,6 +17,11 @@ STAMP="${ROOT}/.version"
 if [[ -x "${BIN}" && -f "${STAMP}" && "$(cat "${STAMP}")" == "${VERSION}" ]]; then
     echo "${BIN}"
     exit 0
+fi
+
+# --installed: report only, never build (exit 1 when the pinned server is not there).
+if [[ "${1:-}" == "--installed" ]]; then
+    exit 1
 fi
 
 if ! command -v cmake >/dev/null 2>&1; then
