@@ -389,6 +389,9 @@ impl Follower {
         // for its cache. The parts before the last carry no checkpoint (their replay is
         // harmless); the last part moves it.
         let mut limit = usize::MAX;
+        // Quarantine records already written (by an earlier part), and records removed.
+        let mut written = 0;
+        let mut cleared = 0;
         // After a refusal at op i, ops before i are applied as a part of their own first,
         // so each refusal costs one more transaction, not a retry of the whole batch.
         let mut cap: Option<usize> = None;
@@ -396,21 +399,25 @@ impl Follower {
             let len = ops.len().min(limit).min(cap.take().unwrap_or(usize::MAX));
             let last = len == ops.len();
             let part = &ops[..len];
+            // Records of refusals not yet written go with the next transaction that
+            // commits, whichever part it is; each part clears the records of its own ops.
             let res = self
-                .attempt(txn, w, part, &quarantined, careful, last)
+                .attempt(txn, w, part, &quarantined[written..], careful, last)
                 .await;
             match res {
-                Ok((rev, q)) if last => {
-                    for (rec, new) in quarantined.iter_mut().zip(q.inserted) {
+                Ok((rev, q)) => {
+                    for (rec, new) in quarantined[written..].iter_mut().zip(q.inserted) {
                         rec.new = new;
                     }
-                    return Ok(Applied {
-                        rev,
-                        quarantined,
-                        cleared: q.cleared,
-                    });
-                }
-                Ok(_) => {
+                    written = quarantined.len();
+                    cleared += q.cleared;
+                    if last {
+                        return Ok(Applied {
+                            rev,
+                            quarantined,
+                            cleared,
+                        });
+                    }
                     ops.to_mut().drain(..len);
                     // Parts grow back after a refusal or a split.
                     limit = limit.saturating_mul(2);
@@ -418,6 +425,33 @@ impl Follower {
                 Err(TxnErr::TooLarge(msg)) if len > 1 => {
                     tracing::info!(follower = %self.name, collection = w.collection, ops = len, error = %msg, "transaction too large for the follower; splitting the batch");
                     limit = len / 2;
+                }
+                Err(TxnErr::TooLarge(_)) if ops.is_empty() && written < quarantined.len() => {
+                    // The records alone are too many for one transaction: write them a
+                    // few at a time (each without moving the checkpoint).
+                    let n = ((quarantined.len() - written) / 2).max(1);
+                    let res = self
+                        .attempt(
+                            txn,
+                            w,
+                            &[],
+                            &quarantined[written..written + n],
+                            careful,
+                            false,
+                        )
+                        .await;
+                    match res {
+                        Ok((_, q)) => {
+                            for (rec, new) in
+                                quarantined[written..written + n].iter_mut().zip(q.inserted)
+                            {
+                                rec.new = new;
+                            }
+                            written += n;
+                            cleared += q.cleared;
+                        }
+                        Err(e) => return Err(e.into_apply()),
+                    }
                 }
                 Err(TxnErr::TooLarge(msg)) => {
                     // One document alone does not fit in a transaction on this follower.
@@ -609,13 +643,13 @@ impl Follower {
             let plan = Plan::build(ops, &self.key_field, careful);
             self.run_plan(Some(&mut *session), w.collection, &plan)
                 .await?;
-            if !last {
-                return Ok((w.expect.clone(), QuarantineWrite::default()));
-            }
             let cleared = self
                 .record_quarantine(Some(&mut *session), w, ops, quarantined)
                 .await
                 .map_err(|e| classify(TxnErr::Apply(e)))?;
+            if !last {
+                return Ok((w.expect.clone(), cleared));
+            }
             let rev = self
                 .store_checkpoint(Some(&mut *session), w.collection, w.next, w.term, w.expect)
                 .await
@@ -663,13 +697,13 @@ impl Follower {
         self.raise_fence(None, w.collection, w.term).await?;
         let plan = Plan::build(ops, &self.key_field, careful);
         self.run_plan(None, w.collection, &plan).await?;
-        if !last {
-            return Ok((w.expect.clone(), QuarantineWrite::default()));
-        }
         let cleared = self
             .record_quarantine(None, w, ops, quarantined)
             .await
             .map_err(TxnErr::Apply)?;
+        if !last {
+            return Ok((w.expect.clone(), cleared));
+        }
         let rev = self
             .store_checkpoint(None, w.collection, w.next, w.term, w.expect)
             .await
@@ -734,7 +768,7 @@ impl Follower {
                     "u": {
                         "_id": id,
                         "collection": w.collection,
-                        "key": q.key.clone().unwrap_or(Bson::Null),
+                        "key": bounded_key(q.key.as_ref()),
                         "error": &q.error,
                         "code": q.code,
                         "cluster_time": cluster_time.clone(),
@@ -746,21 +780,29 @@ impl Follower {
                 }
             })
             .collect();
-        let cmd = doc! {"update": QUARANTINE_COLLECTION, "updates": updates};
-        let res = self.command(&self.state_db, cmd, session).await?;
-        if let Some((_, _, msg)) = first_write_error(&res) {
-            return Err(ApplyError::Rejected(format!("quarantine write: {msg}")));
-        }
         // Statements that inserted a record (the others updated one already there).
-        let inserted: Vec<usize> = res
-            .get_array("upserted")
-            .map(|a| {
-                a.iter()
-                    .filter_map(|u| u.as_document()?.get("index").and_then(bson_i64))
-                    .map(|i| i as usize)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut inserted: Vec<usize> = Vec::new();
+        for (start, chunk) in chunks(&updates) {
+            let cmd = doc! {"update": QUARANTINE_COLLECTION, "updates": chunk};
+            let res = self
+                .command(&self.state_db, cmd, session.as_deref_mut())
+                .await?;
+            if let Some((_, code, msg)) = first_write_error(&res) {
+                return Err(ApplyError::Rejected(format!(
+                    "quarantine write: {msg} (code {code})"
+                )));
+            }
+            inserted.extend(
+                res.get_array("upserted")
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|u| u.as_document()?.get("index").and_then(bson_i64))
+                            .map(|i| start + i as usize)
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default(),
+            );
+        }
         Ok(QuarantineWrite {
             cleared,
             inserted: (0..quarantined.len())
@@ -1216,6 +1258,23 @@ fn chunks(stmts: &[Document]) -> Vec<(usize, Vec<Document>)> {
         }
     }
     out
+}
+
+/// A key as a quarantine record shows it: itself when small, else a note of its size and
+/// type (a record must stay small: many are written with one batch).
+fn bounded_key(key: Option<&Bson>) -> Bson {
+    let Some(k) = key else {
+        return Bson::Null;
+    };
+    let size = mongodb::bson::to_vec(&doc! {"k": k.clone()}).map_or(0, |v| v.len());
+    if size <= 1024 {
+        k.clone()
+    } else {
+        Bson::String(format!(
+            "({size} bytes of {:?}, not recorded)",
+            k.element_type()
+        ))
+    }
 }
 
 /// The `_id` of a quarantine record: the pipeline and the source `_id`.

@@ -822,3 +822,149 @@ async fn a_batch_too_large_for_the_cache_reported_as_a_write_error_is_split() {
         f.count_documents(doc! {"dataId": {"$ne": "after"}}).await.unwrap()
     );
 }
+
+/// Found by the third review: one batch of documents the follower refuses (a unique index the source lacks), each
+/// well below any size limit, whose keys are large: all their quarantine records are
+/// written in the batch's last transaction, in one command. The pair must go on.
+#[tokio::test]
+async fn refused_documents_with_large_keys_do_not_stall_the_pair() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    unique_email(&f1).await;
+    let cfg = ConfigBuilder::new(&src, &[&f1]);
+    let mut r = Replicator::start(&cfg, "n1");
+    let s = src.coll("data").await;
+    let f = f1.coll("data").await;
+    s.insert_one(doc! {"dataId": "first", "email": "same"})
+        .await
+        .unwrap();
+    wait_for("first arrives", CONVERGE, || async {
+        f.count_documents(doc! {"dataId": "first"}).await.unwrap() == 1
+    })
+    .await;
+    r.terminate().await;
+    let n: usize = std::env::var("MR_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let kib: usize = std::env::var("MR_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500);
+    for i in 0..n {
+        s.insert_one(
+            doc! {"dataId": format!("dup{i:03}{}", "k".repeat(kib * 1024)), "email": "same"},
+        )
+        .await
+        .unwrap();
+    }
+    s.insert_one(doc! {"dataId": "after", "email": "other"})
+        .await
+        .unwrap();
+    r.spawn();
+    let arrived = poll_until(Duration::from_secs(120), || async {
+        f.count_documents(doc! {"dataId": "after"})
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    let log = r.log();
+    let tail: String = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("splitting"))
+        .map(|l| l.chars().take(400).collect::<String>())
+        .collect::<Vec<_>>()
+        .iter()
+        .rev()
+        .take(6)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!(
+        "arrived={arrived}; status: {:?}\nlast warnings:\n{tail}",
+        r.status().await.map(|s| s["followers"][0].clone())
+    );
+    assert!(
+        arrived,
+        "{n} refused documents with {kib} KiB keys stalled the pair for good"
+    );
+}
+
+/// Found by the third review: a quarantined document whose fixed version applies in a part of a split batch (not the
+/// last) keeps its quarantine record: the README says a later version that applies clears it.
+#[tokio::test]
+async fn a_fixed_document_applied_in_an_early_part_leaves_the_quarantine() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    unique_email(&f1).await;
+    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let s = src.coll("data").await;
+    let f = f1.coll("data").await;
+    s.insert_one(doc! {"dataId": "a", "email": "x"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"dataId": "b", "email": "x"})
+        .await
+        .unwrap();
+    wait_for("b quarantined", CONVERGE, || async {
+        quarantined_of(&r, "f1").await == 1
+    })
+    .await;
+    r.terminate().await;
+    // b is fixed on the source; then, in the same batch, 20 new duplicates, then a fix of them.
+    s.update_one(doc! {"dataId": "b"}, doc! {"$set": {"email": "y"}})
+        .await
+        .unwrap();
+    for i in 0..20 {
+        s.insert_one(doc! {"dataId": format!("d{i:02}"), "email": "x"})
+            .await
+            .unwrap();
+    }
+    r.spawn();
+    wait_for("b arrives fixed", CONVERGE, || async {
+        f.count_documents(doc! {"dataId": "b", "email": "y"})
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    // The duplicates are deleted on the source: the follower is then identical.
+    s.delete_many(doc! {"dataId": {"$regex": "^d"}})
+        .await
+        .unwrap();
+    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let recs: Vec<mongodb::bson::Document> = {
+        use futures::TryStreamExt;
+        f1.client()
+            .await
+            .database("mongo_replicator")
+            .collection::<mongodb::bson::Document>("quarantine")
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    let keys: Vec<String> = recs
+        .iter()
+        .map(|d| d.get("key").map(|k| k.to_string()).unwrap_or_default())
+        .collect();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&r.config_path)
+        .args(["--recheck-delay", "300ms", "--recheck-rounds", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "records left: {keys:?}; status quarantined={}; check exit {:?}:\n{text}",
+        quarantined_of(&r, "f1").await,
+        out.status.code()
+    );
+    assert!(
+        !keys.iter().any(|k| k.contains("\"b\"")),
+        "b applied in its fixed version, identical on the follower, yet still quarantined: {keys:?}; check exit {:?}",
+        out.status.code()
+    );
+}
