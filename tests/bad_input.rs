@@ -278,8 +278,12 @@ async fn missing_key_case(policy: &str) -> (Server, Server, Replicator) {
     let cfg = ConfigBuilder::new(&src, &[&f1])
         .extra(&format!("[replication]\nmissing_key = \"{policy}\"\n"));
     let r = Replicator::start(&cfg, "n1");
-    wait_for("leader", CONVERGE, || async {
-        r.role().await.as_deref() == Some("leader")
+    // Streaming, so that the documents below arrive as changes in insertion order (a copy
+    // would take them in `_id` order).
+    wait_for("streaming", CONVERGE, || async {
+        r.status()
+            .await
+            .is_some_and(|st| st["followers"][0]["state"] == "streaming")
     })
     .await;
     let s = src.coll("data").await;
