@@ -516,8 +516,22 @@ fn host_set(uri: &str) -> Vec<String> {
     hosts
 }
 
-fn one_line(s: &str) -> String {
+/// Text on one line (runs of whitespace become one space), for messages and logs.
+pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The most characters of a server's message the replicator keeps (in logs, status and
+/// quarantine records): a server may quote a whole document or value in it.
+pub const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// `s` on one line, cut to [`MAX_MESSAGE_CHARS`] characters.
+pub fn bounded_message(s: &str) -> String {
+    let line = one_line(s);
+    match line.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((at, _)) => format!("{}… ({} bytes in all)", &line[..at], line.len()),
+        None => line,
+    }
 }
 
 static SECRETS: OnceLock<RwLock<Vec<String>>> = OnceLock::new();

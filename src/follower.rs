@@ -392,6 +392,7 @@ impl Follower {
         // Quarantine records already written (by an earlier part), and records removed.
         let mut written = 0;
         let mut cleared = 0;
+        let mut record_limit = usize::MAX;
         // After a refusal at op i, ops before i are applied as a part of their own first,
         // so each refusal costs one more transaction, not a retry of the whole batch.
         let mut cap: Option<usize> = None;
@@ -428,8 +429,10 @@ impl Follower {
                 }
                 Err(TxnErr::TooLarge(_)) if ops.is_empty() && written < quarantined.len() => {
                     // The records alone are too many for one transaction: write them a
-                    // few at a time (each without moving the checkpoint).
-                    let n = ((quarantined.len() - written) / 2).max(1);
+                    // few at a time (each without moving the checkpoint), fewer each time
+                    // this happens again.
+                    record_limit = (record_limit.min(quarantined.len() - written) / 2).max(1);
+                    let n = record_limit;
                     let res = self
                         .attempt(
                             txn,
@@ -450,6 +453,7 @@ impl Follower {
                             written += n;
                             cleared += q.cleared;
                         }
+                        Err(TxnErr::TooLarge(_)) if n > 1 => {}
                         Err(e) => return Err(e.into_apply()),
                     }
                 }
@@ -1176,7 +1180,7 @@ fn first_write_error(res: &Document) -> Option<(usize, i32, String)> {
     let e = errs.first()?.as_document()?;
     let index = e.get("index").and_then(bson_i64).unwrap_or(0).max(0) as usize;
     let code = e.get("code").and_then(bson_i64).unwrap_or(0) as i32;
-    let msg = e.get_str("errmsg").unwrap_or("unknown write error");
+    let msg = crate::config::bounded_message(e.get_str("errmsg").unwrap_or("unknown write error"));
     Some((index, code, format!("{msg} (code {code})")))
 }
 

@@ -6,7 +6,7 @@ use mongodb::bson::{doc, DateTime};
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 
-use crate::config::{redact, redact_uri};
+use crate::config::{bounded_message, one_line, redact, redact_uri};
 
 /// How long an operation waits for a reachable server before it fails.
 pub const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,10 +107,6 @@ pub fn is_history_lost(e: &mongodb::error::Error) -> bool {
         || msg.contains("resume point may no longer be in the oplog")
 }
 
-pub fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 /// The server's error code, for command and write errors.
 pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
     use mongodb::error::{ErrorKind, WriteFailure};
@@ -140,5 +136,5 @@ pub fn describe(e: &mongodb::error::Error) -> String {
         Some(i) => text[..i].to_string(),
         None => text,
     };
-    one_line(&redact(&text))
+    bounded_message(&redact(&text))
 }
