@@ -146,35 +146,41 @@ impl Pair {
         &self.follower.name
     }
 
-    /// A source call within `replication.write_timeout`: a source that hangs counts as
+    /// A call to `who` within `replication.write_timeout`: a server that hangs counts as
     /// unavailable instead of holding the pair forever.
-    async fn src<T>(
+    async fn within<T>(
         &self,
+        who: &str,
         fut: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
+        on_error: impl FnOnce(mongodb::error::Error) -> PairError,
     ) -> Result<T, PairError> {
         let limit = self.config.replication.write_timeout;
         match tokio::time::timeout(limit, fut).await {
-            Ok(res) => res.map_err(source_err),
+            Ok(res) => res.map_err(on_error),
             Err(_) => Err(PairError::Transient(format!(
-                "source did not answer within {} (replication.write_timeout)",
+                "{who} did not answer within {} (replication.write_timeout)",
                 humantime::format_duration(limit)
             ))),
         }
     }
 
-    /// A direct read of the follower within `replication.write_timeout`.
+    /// A source call, within the time limit.
+    async fn src<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, PairError> {
+        self.within("source", fut, source_err).await
+    }
+
+    /// A direct read of the follower, within the time limit.
     async fn fol<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
     ) -> Result<T, PairError> {
-        let limit = self.config.replication.write_timeout;
-        match tokio::time::timeout(limit, fut).await {
-            Ok(res) => res.map_err(|e| PairError::Transient(format!("follower: {}", describe(&e)))),
-            Err(_) => Err(PairError::Transient(format!(
-                "follower did not answer within {} (replication.write_timeout)",
-                humantime::format_duration(limit)
-            ))),
-        }
+        self.within("follower", fut, |e| {
+            PairError::Transient(format!("follower: {}", describe(&e)))
+        })
+        .await
     }
 
     /// Runs until `stop` is cancelled, the lease is lost, or a fatal error.
@@ -948,9 +954,10 @@ impl Pair {
                 return Err(PairError::Transient("change stream ended".into()));
             };
             match item {
-                Item::Event(ev, permit) => {
+                Item::Event(ev, permit, bytes) => {
                     let ev = *ev;
                     drop(permit);
+                    batch.bytes += bytes;
                     let invalidate = ev.operation_type == OperationType::Invalidate;
                     if let Err(e) = self.add_event(&mut batch, ev, degraded).await {
                         // Apply what came before the event, then stop or resync.
@@ -1020,10 +1027,7 @@ impl Pair {
         match ev.operation_type {
             OperationType::Insert | OperationType::Update | OperationType::Replace => {
                 let full = match ev.full_document {
-                    Some(raw) => {
-                        batch.bytes += raw.as_bytes().len();
-                        Some(decode(&raw)?)
-                    }
+                    Some(raw) => Some(decode(&raw)?),
                     // Read without documents: the current version, by `_id` (what an
                     // update lookup returns too).
                     None if degraded => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
@@ -1075,11 +1079,7 @@ impl Pair {
                 }
             }
             OperationType::Delete => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
-                Some(id) => {
-                    batch.bytes +=
-                        mongodb::bson::to_vec(&doc! {"_id": id.clone()}).map_or(0, |v| v.len());
-                    batch.ops.push(Op::Delete { id: id.clone() });
-                }
+                Some(id) => batch.ops.push(Op::Delete { id: id.clone() }),
                 None => {
                     tracing::warn!(follower = %self.name(), collection = %self.collection, "delete event without documentKey._id; skipped");
                     self.stats.skipped("no_document_key");
@@ -1161,10 +1161,12 @@ impl Batch {
 }
 
 enum Item {
-    /// An event, with the read-ahead budget it holds until it is taken into a batch.
+    /// An event, with the read-ahead budget it holds until it is taken into a batch, and
+    /// its size (see [`event_bytes`]).
     Event(
         Box<ChangeStreamEvent<RawDocumentBuf>>,
         tokio::sync::OwnedSemaphorePermit,
+        usize,
     ),
     /// An empty batch: the stream's post-batch token, past everything read so far.
     Idle(ResumeToken),
@@ -1187,7 +1189,7 @@ async fn read_stream(
                 let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
                     return;
                 };
-                Item::Event(Box::new(ev), permit)
+                Item::Event(Box::new(ev), permit, size)
             }
             Ok(None) => match stream.resume_token() {
                 Some(t) => Item::Idle(t),
@@ -1207,25 +1209,17 @@ async fn read_stream(
     }
 }
 
-/// What an event holds in memory, roughly: its document, or for a delete its document key
-/// (an `_id` can be large), plus its resume token (which on MongoDB embeds the `_id`).
+/// What an event holds in memory, roughly: its document, plus its document key twice (the
+/// key itself, and the resume token, which on MongoDB embeds it). A delete carries only the
+/// key, and an `_id` can be large. Computed once, by the reader; the batch counts it too.
 fn event_bytes(ev: &ChangeStreamEvent<RawDocumentBuf>) -> usize {
-    let doc = match &ev.full_document {
-        Some(d) => d.as_bytes().len(),
-        None => ev
-            .document_key
-            .as_ref()
-            .and_then(|k| mongodb::bson::to_vec(k).ok())
-            .map_or(0, |v| v.len()),
-    };
-    let token = mongodb::bson::to_bson(&ev.id)
-        .ok()
-        .and_then(|t| {
-            t.as_document()
-                .and_then(|d| d.get_str("_data").ok().map(str::len))
-        })
-        .unwrap_or(0);
-    doc + token
+    let doc = ev.full_document.as_ref().map_or(0, |d| d.as_bytes().len());
+    let key = ev
+        .document_key
+        .as_ref()
+        .and_then(|k| mongodb::bson::to_vec(k).ok())
+        .map_or(0, |v| v.len());
+    doc + 2 * key
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -280,12 +280,7 @@ async fn missing_key_case(policy: &str) -> (Server, Server, Replicator) {
     let r = Replicator::start(&cfg, "n1");
     // Streaming, so that the documents below arrive as changes in insertion order (a copy
     // would take them in `_id` order).
-    wait_for("streaming", CONVERGE, || async {
-        r.status()
-            .await
-            .is_some_and(|st| st["followers"][0]["state"] == "streaming")
-    })
-    .await;
+    r.wait_streaming(CONVERGE).await;
     let s = src.coll("data").await;
     s.insert_one(doc! {"dataId": "a"}).await.unwrap();
     s.insert_one(doc! {"_id": "no-key", "other": 1})
@@ -307,12 +302,7 @@ async fn documents_without_the_key_are_skipped_and_counted_under_skip() {
     })
     .await;
     assert_eq!(f.count_documents(doc! {"_id": "no-key"}).await.unwrap(), 0);
-    let metrics = reqwest::get(r.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = r.metrics_text().await;
     assert!(
         metrics
             .lines()
@@ -348,46 +338,8 @@ async fn a_document_without_the_key_stops_the_pipeline_under_fail() {
     assert!(h.status().is_success());
 }
 
-/// Replicates, stops the replicator, writes past the source's (tiny) oplog and prunes it,
-/// then starts the replicator again from a checkpoint that is no longer in the oplog.
 async fn history_lost(policy: &str) -> Option<(Server, Server, Replicator)> {
-    if using_mongod() {
-        eprintln!("skipped: needs the test server's oplog pruning command");
-        return None;
-    }
-    let src = Server::start_with(ServerOpts {
-        oplog_max_entries: Some(20),
-        ..Default::default()
-    })
-    .await;
-    let f1 = Server::start().await;
-    let cfg = ConfigBuilder::new(&src, &[&f1])
-        .extra(&format!("[replication]\non_history_lost = \"{policy}\"\n"));
-    let mut r = Replicator::start(&cfg, "n1");
-    let s = src.coll("data").await;
-    for i in 0..10 {
-        s.insert_one(doc! {"dataId": format!("a{i}")})
-            .await
-            .unwrap();
-    }
-    wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
-    r.terminate().await;
-    for i in 0..100 {
-        s.insert_one(doc! {"dataId": format!("b{i}")})
-            .await
-            .unwrap();
-    }
-    s.delete_one(doc! {"dataId": "a3"}).await.unwrap();
-    let pruned = src
-        .client()
-        .await
-        .database("admin")
-        .run_command(doc! {"secantusAdmin.pruneOplog": 1})
-        .await
-        .unwrap();
-    assert!(pruned.get_i64("pruned").unwrap_or(0) > 0, "{pruned}");
-    r.spawn();
-    Some((src, f1, r))
+    history_lost_case(&format!("on_history_lost = \"{policy}\"")).await
 }
 
 #[tokio::test]
@@ -476,12 +428,7 @@ async fn passwords_stay_out_of_logs_status_and_errors_at_run_time() {
     })
     .await;
     let status = r.status().await.unwrap().to_string();
-    let metrics = reqwest::get(r.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = r.metrics_text().await;
     for (what, text) in [("log", r.log()), ("status", status), ("metrics", metrics)] {
         assert!(
             !text.contains("s3cr3tFollower"),

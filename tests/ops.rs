@@ -104,12 +104,7 @@ async fn status_shows_lag_rising_while_a_follower_is_down_and_falling_after() {
 }
 
 async fn metrics(r: &Replicator) -> prometheus_parse::Scrape {
-    let text = reqwest::get(r.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = r.metrics_text().await;
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("valid exposition")
 }
@@ -382,21 +377,9 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     let s = src.coll("data").await;
     s.insert_one(doc! {"dataId": "m"}).await.unwrap();
     wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
-    wait_for("streaming", CONVERGE, || async {
-        r.status()
-            .await
-            .is_some_and(|st| st["followers"][0]["state"] == "streaming")
-    })
-    .await;
+    r.wait_streaming(CONVERGE).await;
     // Oplog headroom is measured every few seconds.
-    let scrape = || async {
-        reqwest::get(r.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || async { r.metrics_text().await };
     wait_for("headroom measured", CONVERGE, || async {
         scrape()
             .await

@@ -12,15 +12,6 @@ use mongodb::bson::{doc, Bson, Document, Regex};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-async fn metrics(r: &Replicator) -> String {
-    reqwest::get(r.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of the first metric line that starts with `name` and contains `label`.
 fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
     text.lines()
@@ -28,21 +19,13 @@ fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-fn run_check(config: &std::path::Path) -> (i32, String) {
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(config)
-        .args(["--recheck-delay", "300ms", "--recheck-rounds", "3"])
-        .output()
-        .expect("run check");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+/// The documents whose key is a plain string, sorted as `dump` sorts.
+async fn plain_documents(coll: &mongodb::Collection<Document>) -> Vec<Document> {
+    dump(coll)
+        .await
+        .into_iter()
+        .filter(|d| d.get_str("dataId").is_ok())
+        .collect()
 }
 
 /// Key values that a query would read as operators or patterns.
@@ -118,16 +101,7 @@ async fn operator_shaped_and_regex_keys_never_touch_other_documents() {
     .await;
     // Every plain document is intact: exactly the source's plain documents. k5, whose key
     // became unusable, is gone from the follower rather than lingering under its old key.
-    let want: Vec<Document> = dump(&s)
-        .await
-        .into_iter()
-        .filter(|d| d.get_str("dataId").is_ok())
-        .collect();
-    let got: Vec<Document> = dump(&f)
-        .await
-        .into_iter()
-        .filter(|d| d.get_str("dataId").is_ok())
-        .collect();
+    let (want, got) = (plain_documents(&s).await, plain_documents(&f).await);
     assert_eq!(got, want);
     // 20, less k8 (deleted) and k5 (unusable key now), plus "after".
     assert_eq!(got.len(), 19);
@@ -144,7 +118,7 @@ async fn operator_shaped_and_regex_keys_never_touch_other_documents() {
             .unwrap(),
         0
     );
-    let m = metrics(&r).await;
+    let m = r.metrics_text().await;
     let skipped = metric(
         &m,
         "mongo_replicator_skipped_events_total",
@@ -216,36 +190,21 @@ async fn under_use_id_hostile_keys_replicate_by_id_and_check_agrees() {
     wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
 
     // The check and its repair read hostile keys as values too.
-    let (code, out) = run_check(&r.config_path);
+    let (code, out) = run_check(&r.config_path, &[]);
     assert_eq!(code, 0, "{out}");
     f.delete_one(doc! {"dataId": "k9"}).await.unwrap();
     f.insert_one(doc! {"dataId": {"$exists": true}, "_id": "ghost"})
         .await
         .unwrap();
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&r.config_path)
-        .args(["--repair", "--recheck-delay", "300ms"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = run_check(&r.config_path, &["--repair"]);
+    assert_eq!(code, 0, "{text}");
     assert_eq!(
         f.count_documents(doc! {"dataId": "k9"}).await.unwrap(),
         1,
         "{text}"
     );
     // Every other follower document is intact.
-    let want: Vec<Document> = dump(&s)
-        .await
-        .into_iter()
-        .filter(|d| d.get_str("dataId").is_ok())
-        .collect();
-    let got: Vec<Document> = dump(&f)
-        .await
-        .into_iter()
-        .filter(|d| d.get_str("dataId").is_ok())
-        .collect();
+    let (want, got) = (plain_documents(&s).await, plain_documents(&f).await);
     assert_eq!(got.len(), 20);
     assert_eq!(got, want);
 }
@@ -425,12 +384,7 @@ async fn a_resync_copies_even_under_initial_sync_never() {
     let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\ninitial_sync = \"never\"\n");
     let mut r = Replicator::start(&cfg, "n1");
     // `never` governs the very first start: streaming from now, nothing copied.
-    wait_for("streaming", CONVERGE, || async {
-        r.status()
-            .await
-            .is_some_and(|st| st["followers"][0]["state"] == "streaming")
-    })
-    .await;
+    r.wait_streaming(CONVERGE).await;
     s.insert_one(doc! {"dataId": "new"}).await.unwrap();
     wait_for("a new write arrives", CONVERGE, || async {
         f.count_documents(doc! {"dataId": "new"}).await.unwrap() == 1
@@ -470,47 +424,10 @@ async fn a_resync_copies_even_under_initial_sync_never() {
 
 #[tokio::test]
 async fn a_history_lost_resync_copies_even_under_initial_sync_never() {
-    if using_mongod() {
-        eprintln!("skipped: needs the test server's oplog pruning command");
+    let Some((src, f1, r)) = history_lost_case("initial_sync = \"never\"").await else {
         return;
-    }
-    let src = Server::start_with(ServerOpts {
-        oplog_max_entries: Some(20),
-        ..Default::default()
-    })
-    .await;
-    let f1 = Server::start().await;
-    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\ninitial_sync = \"never\"\n");
-    let mut r = Replicator::start(&cfg, "n1");
-    let s = src.coll("data").await;
-    let f = f1.coll("data").await;
-    wait_for("streaming", CONVERGE, || async {
-        r.status()
-            .await
-            .is_some_and(|st| st["followers"][0]["state"] == "streaming")
-    })
-    .await;
-    for i in 0..10 {
-        s.insert_one(doc! {"dataId": format!("a{i}")})
-            .await
-            .unwrap();
-    }
-    wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
-    r.terminate().await;
-    for i in 0..100 {
-        s.insert_one(doc! {"dataId": format!("b{i}")})
-            .await
-            .unwrap();
-    }
-    s.delete_one(doc! {"dataId": "a3"}).await.unwrap();
-    src.client()
-        .await
-        .database("admin")
-        .run_command(doc! {"secantusAdmin.pruneOplog": 1})
-        .await
-        .unwrap();
-    r.spawn();
-    wait_identical(&s, &[f], CONVERGE).await;
+    };
+    wait_identical(&src.coll("data").await, &[f1.coll("data").await], CONVERGE).await;
     assert!(r.log().contains("history lost"));
 }
 
@@ -641,7 +558,7 @@ async fn busy_collections_on_one_follower_never_conflict() {
     let log = r.log();
     assert!(!log.contains("pipeline interrupted"), "{log}");
     assert!(!log.contains("WriteConflict"), "{log}");
-    let m = metrics(&r).await;
+    let m = r.metrics_text().await;
     for l in m
         .lines()
         .filter(|l| l.starts_with("mongo_replicator_failed_events_total"))

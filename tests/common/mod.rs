@@ -269,6 +269,24 @@ impl Server {
         }
     }
 
+    /// Creates a unique index on `field` of `app.data` (a constraint the source may lack).
+    pub async fn unique_index(&self, field: &str) {
+        self.coll("data")
+            .await
+            .create_index(
+                mongodb::IndexModel::builder()
+                    .keys(doc! {field: 1})
+                    .options(
+                        mongodb::options::IndexOptions::builder()
+                            .unique(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await
+            .expect("unique index");
+    }
+
     /// SIGSTOP: the server hangs, neither answering nor closing connections.
     pub fn pause(&self) {
         if let Some(c) = &self.child {
@@ -628,6 +646,55 @@ impl Replicator {
         .await;
     }
 
+    /// The first follower's state in `/status`.
+    pub async fn first_state(&self) -> Option<String> {
+        self.status()
+            .await
+            .and_then(|s| s["followers"][0]["state"].as_str().map(str::to_string))
+    }
+
+    /// Waits until the first follower streams.
+    pub async fn wait_streaming(&self, timeout: Duration) {
+        wait_for("streaming", timeout, || async {
+            self.first_state().await.as_deref() == Some("streaming")
+        })
+        .await;
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// POSTs to `path`; the status code, or 0 when the node does not answer.
+    pub async fn post(&self, path: &str) -> u16 {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .send()
+            .await
+            .map(|resp| resp.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// The `quarantined` count of `follower` in `/status` (`u64::MAX` when unknown).
+    pub async fn quarantined(&self, follower: &str) -> u64 {
+        self.status()
+            .await
+            .and_then(|s| {
+                s["followers"]
+                    .as_array()?
+                    .iter()
+                    .find(|f| f["name"] == follower)
+                    .and_then(|f| f["quarantined"].as_u64())
+            })
+            .unwrap_or(u64::MAX)
+    }
+
     pub async fn role(&self) -> Option<String> {
         self.status()
             .await
@@ -871,4 +938,69 @@ pub async fn leaders(nodes: &[Replicator]) -> Vec<usize> {
         }
     }
     out
+}
+
+/// A follower whose checkpoint fell off the source's oplog: replicates ten documents while
+/// streaming, stops the node, writes past the source's tiny oplog and prunes it, then starts
+/// the node again. `replication` is extra `[replication]` TOML. `None` against mongod (it
+/// cannot prune on demand).
+pub async fn history_lost_case(replication: &str) -> Option<(Server, Server, Replicator)> {
+    if using_mongod() {
+        eprintln!("skipped: needs the test server's oplog pruning command");
+        return None;
+    }
+    let converge = Duration::from_secs(60);
+    let src = Server::start_with(ServerOpts {
+        oplog_max_entries: Some(20),
+        ..Default::default()
+    })
+    .await;
+    let f1 = Server::start().await;
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra(&format!("[replication]\n{replication}\n"));
+    let mut r = Replicator::start(&cfg, "n1");
+    r.wait_streaming(converge).await;
+    let s = src.coll("data").await;
+    for i in 0..10 {
+        s.insert_one(doc! {"dataId": format!("a{i}")})
+            .await
+            .expect("insert");
+    }
+    wait_identical(&s, &[f1.coll("data").await], converge).await;
+    r.terminate().await;
+    for i in 0..100 {
+        s.insert_one(doc! {"dataId": format!("b{i}")})
+            .await
+            .expect("insert");
+    }
+    s.delete_one(doc! {"dataId": "a3"}).await.expect("delete");
+    let pruned = src
+        .client()
+        .await
+        .database("admin")
+        .run_command(doc! {"secantusAdmin.pruneOplog": 1})
+        .await
+        .expect("prune");
+    assert!(pruned.get_i64("pruned").unwrap_or(0) > 0, "{pruned}");
+    r.spawn();
+    Some((src, f1, r))
+}
+
+/// `mongo-replicator check --config CONFIG EXTRA..` with short rechecks: its exit code and
+/// its output (stdout then stderr).
+pub fn run_check(config: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .args(["--recheck-delay", "300ms", "--recheck-rounds", "3"])
+        .args(extra)
+        .output()
+        .expect("run check");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
