@@ -166,6 +166,9 @@ pub async fn main(args: CheckArgs) -> ExitCode {
         }
     };
     crate::service::init_logging(&config);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     match run(&config, &args).await {
         Ok(report) => {
             if args.json {
@@ -1083,14 +1086,17 @@ pub fn render(report: &Report, repair: bool) -> String {
     out
 }
 
-/// A count-level comparison, quick enough to poll (`GET /sync-check`).
-#[derive(Debug, Serialize)]
+/// A count-level comparison, quick enough to poll (`GET /sync-check`). The counts are the
+/// servers' metadata counts: cheap, and exact after a clean shutdown.
+#[derive(Debug, Clone, Serialize)]
 pub struct CountReport {
     pub in_sync: bool,
+    /// How old this result is (results are reused for a few seconds).
+    pub age_ms: u64,
     pub collections: Vec<CountRow>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct CountRow {
     pub collection: String,
     pub follower: String,
@@ -1107,20 +1113,14 @@ pub async fn count_check(
     let mut rows = Vec::new();
     let mut in_sync = true;
     for c in &config.source.collections {
-        let src = source
-            .database(&config.source.database)
-            .collection::<Document>(c)
-            .count_documents(doc! {})
-            .await
-            .map_err(|e| redact(&e.to_string()));
-        for f in followers {
-            let fol = f
-                .client()
-                .database(&config.source.database)
-                .collection::<Document>(c)
-                .count_documents(doc! {})
-                .await
-                .map_err(|e| redact(&e.to_string()));
+        let src = estimated_count(source, &config.source.database, c).await;
+        let counts = futures::future::join_all(
+            followers
+                .iter()
+                .map(|f| estimated_count(f.client(), &config.source.database, c)),
+        )
+        .await;
+        for (f, fol) in followers.iter().zip(counts) {
             let error = match (&src, &fol) {
                 (Err(e), _) => Some(format!("source: {e}")),
                 (_, Err(e)) => Some(format!("follower: {e}")),
@@ -1141,7 +1141,23 @@ pub async fn count_check(
     }
     CountReport {
         in_sync,
+        age_ms: 0,
         collections: rows,
+    }
+}
+
+/// How long one count of `/sync-check` may take.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The collection's document count from the server's metadata (no scan), bounded in time.
+async fn estimated_count(client: &Client, db: &str, coll: &str) -> Result<u64, String> {
+    let coll = client.database(db).collection::<Document>(coll);
+    match tokio::time::timeout(COUNT_TIMEOUT, coll.estimated_document_count()).await {
+        Ok(r) => r.map_err(|e| crate::config::bounded_message(&redact(&e.to_string()))),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(COUNT_TIMEOUT)
+        )),
     }
 }
 

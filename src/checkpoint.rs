@@ -105,6 +105,8 @@ pub fn token_cluster_time(token: &Document) -> Option<Timestamp> {
 /// Why the token file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
+    #[error("token file {path}: {reason}")]
+    Unusable { path: String, reason: String },
     #[error("token file {path} is corrupt ({reason}); it was left as it is. {RESET_HELP}")]
     Corrupt { path: String, reason: String },
     #[error("token file {path} has version {found}, this build reads version {TOKEN_FILE_VERSION}; it was left as it is. {RESET_HELP}")]
@@ -174,6 +176,10 @@ impl CheckpointStore {
             path: display.clone(),
             reason,
         };
+        prepare_state_dir(path).map_err(|e| TokenFileError::Unusable {
+            path: display.clone(),
+            reason: format!("cannot create its directory: {e}"),
+        })?;
         let mut map = BTreeMap::new();
         match std::fs::read(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -369,19 +375,22 @@ impl CheckpointStore {
 /// temp file (mode 0600), fsync, rename over the old file, fsync of the directory.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)?;
+    let dir = state_dir(path);
+    create_private_dir(&dir)?;
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
+    // A temp file left by a crash is stale; whatever sits at that name (a symlink planted
+    // there, say) is removed, never followed, and the new file is created exclusively.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(bytes)?;
@@ -392,10 +401,76 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The directory that holds the token file.
+fn state_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates the state directory (mode 0700) if it is missing, and warns when an existing one
+/// can be read or entered by other users.
+fn prepare_state_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = state_dir(path);
+    create_private_dir(&dir)?;
+    let mode = std::fs::metadata(&dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            "the token file's directory is open to other users; chmod 700 it (or point checkpoint.token_file at a directory of its own)"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use mongodb::bson::doc;
+
+    #[test]
+    fn a_symlink_at_the_temp_name_is_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let path = dir.path().join("state").join("t.json");
+        create_private_dir(path.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, path.with_file_name("t.json.tmp")).unwrap();
+        write_atomically(&path, b"{}").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn the_state_directory_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a").join("b").join("tokens.json");
+        let store = CheckpointStore::open(&path, "app").unwrap();
+        drop(store);
+        for d in [dir.path().join("a"), dir.path().join("a").join("b")] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+    }
 
     fn cp(t: u32) -> Checkpoint {
         Checkpoint::new(doc! {"_data": format!("82{t:08X}00000001")}, None)

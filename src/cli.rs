@@ -126,7 +126,11 @@ pub async fn resync(config: &Config, follower: &str) -> ExitCode {
         return ExitCode::from(2);
     };
     let url = format!("{}/resync/{follower}", base_url(config));
-    match http().post(&url).send().await {
+    let mut req = http().post(&url);
+    if let Some(token) = &config.http.admin_token {
+        req = req.bearer_auth(token.expose());
+    }
+    match req.send().await {
         Ok(resp) => {
             let code = resp.status();
             let text = resp.text().await.unwrap_or_default();

@@ -6,10 +6,11 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::uri::{redact, redact_uri, Secret, Uri};
 
 /// An invalid configuration: one line that names the key, suitable for a user.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +42,23 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Things worth a warning at startup (an insecure TLS option, a readable password).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+    /// Whether a URI as written in the file carries a password (not from `${NAME}` or a file).
+    #[serde(skip)]
+    inline_secret: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    pub uri: String,
+    /// Set this or `uri_file`; `${NAME}` expands from the environment.
+    #[serde(default)]
+    pub uri: Uri,
+    /// A file holding the URI (a Docker secret, a systemd credential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_file: Option<PathBuf>,
     pub database: String,
     pub collections: Vec<String>,
 }
@@ -55,7 +67,12 @@ pub struct SourceConfig {
 #[serde(deny_unknown_fields)]
 pub struct FollowerConfig {
     pub name: String,
-    pub uri: String,
+    /// Set this or `uri_file`; `${NAME}` expands from the environment.
+    #[serde(default)]
+    pub uri: Uri,
+    /// A file holding the URI (a Docker secret, a systemd credential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_file: Option<PathBuf>,
     /// Accept a follower that cannot run transactions (a standalone server). Its data, fence
     /// and checkpoint are then separate writes, so a paused stale leader can overwrite newer
     /// data there; without this the pair refuses to write to such a follower.
@@ -178,15 +195,27 @@ impl Default for LeaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: String,
+    /// A file holding the token that mutating endpoints require as
+    /// `Authorization: Bearer <token>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The token read from `admin_token_file`.
+    #[serde(skip)]
+    pub admin_token: Option<Secret>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9187".into(),
+            admin_token_file: None,
+            admin_token: None,
         }
     }
 }
+
+/// The fewest characters an admin token may have.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -217,15 +246,27 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        let config = Config::parse(&text)
+        let mut config = Config::parse(&text)
             .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.0)))?;
+        if config.inline_secret {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(path) {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o044 != 0 {
+                    config.warnings.push(format!(
+                        "config file {} holds a password inline and can be read by other users (mode {mode:o}); put the password in ${{NAME}} or a uri_file, or chmod 600 the file",
+                        path.display()
+                    ));
+                }
+            }
+        }
         Ok(config)
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let msg = one_line(inner.message());
@@ -244,10 +285,76 @@ impl Config {
                 ConfigError::key(&path, format!("{msg}{line}"))
             }
         })?;
+        config.resolve_uris()?;
+        config.read_admin_token()?;
         // Known before validation, so that no error about a URI can show them.
-        register_secrets(&config);
+        for uri in config.uris() {
+            crate::uri::register(uri);
+        }
         config.validate()?;
+        config.warnings.extend(config.tls_warnings());
         Ok(config)
+    }
+
+    fn read_admin_token(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = &self.http.admin_token_file else {
+            return Ok(());
+        };
+        let key = "http.admin_token_file";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", path.display())))?;
+        let token = text.trim();
+        if token.chars().count() < MIN_ADMIN_TOKEN_CHARS || token.chars().any(char::is_whitespace) {
+            return Err(ConfigError::key(
+                key,
+                format!(
+                    "{} must hold one token of at least {MIN_ADMIN_TOKEN_CHARS} characters without spaces (for example the output of `openssl rand -hex 32`)",
+                    path.display()
+                ),
+            ));
+        }
+        self.http.admin_token = Some(Secret::new(token));
+        Ok(())
+    }
+
+    /// The source's URI, then each follower's.
+    fn uris(&self) -> impl Iterator<Item = &Uri> {
+        std::iter::once(&self.source.uri).chain(self.followers.iter().map(|f| &f.uri))
+    }
+
+    /// Reads `uri_file`s and expands `${NAME}` references.
+    fn resolve_uris(&mut self) -> Result<(), ConfigError> {
+        let mut inline = false;
+        inline |= resolve_uri("source", &mut self.source.uri, &self.source.uri_file)?;
+        for (i, f) in self.followers.iter_mut().enumerate() {
+            inline |= resolve_uri(&format!("followers[{i}]"), &mut f.uri, &f.uri_file)?;
+        }
+        self.inline_secret = inline;
+        Ok(())
+    }
+
+    /// A warning for each URI that turns off certificate or host name checks.
+    fn tls_warnings(&self) -> Vec<String> {
+        let names = std::iter::once("the source".to_string()).chain(
+            self.followers
+                .iter()
+                .map(|f| format!("follower `{}`", f.name)),
+        );
+        names
+            .zip(self.uris())
+            .filter_map(|(name, uri)| {
+                let cs = mongodb::options::ConnectionString::parse(uri.expose()).ok()?;
+                let Some(mongodb::options::Tls::Enabled(tls)) = cs.tls else {
+                    return None;
+                };
+                // (tlsInsecure sets this too; this driver has no separate host name switch.)
+                (tls.allow_invalid_certificates == Some(true)).then(|| {
+                    format!(
+                        "TLS to {name} does not verify the server's certificate (tlsInsecure or tlsAllowInvalidCertificates): anyone on the path can impersonate it and read the credentials; use tlsCAFile instead"
+                    )
+                })
+            })
+            .collect()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -313,8 +420,7 @@ impl Config {
                     &format!("{key}.uri"),
                     format!(
                         "follower `{}` points at the source deployment itself ({})",
-                        f.name,
-                        redact_uri(&f.uri)
+                        f.name, f.uri
                     ),
                 ));
             }
@@ -451,6 +557,35 @@ impl Config {
     }
 }
 
+/// Reads `uri_file` into `uri` (taken verbatim, surrounding whitespace trimmed), or expands
+/// `${NAME}` references in `uri`. Returns whether the URI as written carries a secret.
+fn resolve_uri(key: &str, uri: &mut Uri, file: &Option<PathBuf>) -> Result<bool, ConfigError> {
+    let Some(path) = file else {
+        let inline = uri.has_inline_secret();
+        let expanded = crate::uri::expand_env(uri.expose())
+            .map_err(|m| ConfigError::key(&format!("{key}.uri"), m))?;
+        *uri = Uri::new(expanded);
+        return Ok(inline);
+    };
+    let file_key = format!("{key}.uri_file");
+    if !uri.is_empty() {
+        return Err(ConfigError::key(
+            &file_key,
+            "is set together with `uri`; set one of them",
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::key(&file_key, format!("cannot read {}: {e}", path.display())))?;
+    if text.trim().is_empty() {
+        return Err(ConfigError::key(
+            &file_key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    *uri = Uri::new(text.trim());
+    Ok(false)
+}
+
 fn validate_node_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()) {
         return Err(format!(
@@ -475,16 +610,15 @@ fn validate_db_name(key: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn parse_uri(key: &str, uri: &str) -> Result<mongodb::options::ConnectionString, ConfigError> {
-    if uri.trim().is_empty() {
-        return Err(ConfigError::key(key, "is empty"));
+fn parse_uri(key: &str, uri: &Uri) -> Result<mongodb::options::ConnectionString, ConfigError> {
+    if uri.is_empty() {
+        return Err(ConfigError::key(key, "is empty; set `uri` or `uri_file`"));
     }
-    mongodb::options::ConnectionString::parse(uri).map_err(|e| {
+    mongodb::options::ConnectionString::parse(uri.expose()).map_err(|e| {
         ConfigError::key(
             key,
             format!(
-                "`{}` is not a valid MongoDB URI: {}",
-                redact_uri(uri),
+                "`{uri}` is not a valid MongoDB URI: {}",
                 redact(&one_line(&e.to_string()))
             ),
         )
@@ -492,8 +626,8 @@ fn parse_uri(key: &str, uri: &str) -> Result<mongodb::options::ConnectionString,
 }
 
 /// The set of host:port pairs of a URI, normalised so that `localhost` and `127.0.0.1` match.
-fn host_set(uri: &str) -> Vec<String> {
-    let Ok(cs) = mongodb::options::ConnectionString::parse(uri) else {
+fn host_set(uri: &Uri) -> Vec<String> {
+    let Ok(cs) = mongodb::options::ConnectionString::parse(uri.expose()) else {
         return Vec::new();
     };
     let mut hosts: Vec<String> = match &cs.host_info {
@@ -532,92 +666,6 @@ pub fn bounded_message(s: &str) -> String {
         Some((at, _)) => format!("{}… ({} bytes in all)", &line[..at], line.len()),
         None => line,
     }
-}
-
-static SECRETS: OnceLock<RwLock<Vec<String>>> = OnceLock::new();
-
-fn register_secrets(config: &Config) {
-    let secrets = SECRETS.get_or_init(|| RwLock::new(Vec::new()));
-    let mut list = secrets.write().unwrap_or_else(|e| e.into_inner());
-    let uris = std::iter::once(&config.source.uri).chain(config.followers.iter().map(|f| &f.uri));
-    for uri in uris {
-        for secret in uri_secrets(uri) {
-            // As written, and as the driver decodes it (an escaped password appears decoded
-            // in some driver messages).
-            let decoded = percent_encoding::percent_decode_str(secret)
-                .decode_utf8_lossy()
-                .into_owned();
-            for s in [secret.to_string(), decoded] {
-                if !s.is_empty() && !list.contains(&s) {
-                    list.push(s);
-                }
-            }
-        }
-    }
-    // Longest first, so that a secret containing another is replaced whole.
-    list.sort_by_key(|s| std::cmp::Reverse(s.len()));
-}
-
-/// URI options whose values are secrets (compared case-insensitively).
-const SECRET_OPTIONS: &[&str] = &[
-    "password",
-    "proxypassword",
-    "tlscertificatekeyfilepassword",
-    "sslpemkeypassword",
-    "sslclientcertificatekeypassword",
-    "authmechanismproperties",
-];
-
-/// The password of a URI, if it has one. Users sometimes leave a `/`, `?` or `@` in a
-/// password unescaped, so the user information runs from `://` to the *last* `@`; erring
-/// that way can only hide more, never show a password.
-fn userinfo_password(uri: &str) -> Option<&str> {
-    let rest = uri.split_once("://")?.1;
-    let (userinfo, _) = rest.rsplit_once('@')?;
-    userinfo.split_once(':').map(|(_, pass)| pass)
-}
-
-/// The values of secret-bearing options in a URI's query string.
-fn option_secrets(uri: &str) -> Vec<&str> {
-    let Some((_, query)) = uri.split_once('?') else {
-        return Vec::new();
-    };
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| SECRET_OPTIONS.contains(&k.to_ascii_lowercase().as_str()))
-        .map(|(_, v)| v)
-        .collect()
-}
-
-/// Every secret a URI carries.
-fn uri_secrets(uri: &str) -> Vec<&str> {
-    let mut out: Vec<&str> = userinfo_password(uri).into_iter().collect();
-    out.extend(option_secrets(uri));
-    out.retain(|s| !s.is_empty());
-    out
-}
-
-/// A URI with its password and secret options replaced by `***`.
-pub fn redact_uri(uri: &str) -> String {
-    let mut out = uri.to_string();
-    let mut secrets = uri_secrets(uri);
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    for s in secrets {
-        out = out.replace(s, "***");
-    }
-    out
-}
-
-/// Any text (an error from the driver, say) with every known password replaced by `***`.
-pub fn redact(text: &str) -> String {
-    let mut out = text.to_string();
-    if let Some(secrets) = SECRETS.get() {
-        for s in secrets.read().unwrap_or_else(|e| e.into_inner()).iter() {
-            out = out.replace(s.as_str(), "***");
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -748,6 +796,142 @@ uri = "mongodb://127.0.0.1:27018/"
             redact_uri("mongodb://h:1/?appName=a"),
             "mongodb://h:1/?appName=a"
         );
+    }
+
+    #[test]
+    fn uri_file_is_read_and_excludes_uri() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f-uri");
+        std::fs::write(&file, "mongodb://u:fileSecret1@127.0.0.1:27018/\n").unwrap();
+        let text = MINIMAL.replace(
+            "uri = \"mongodb://127.0.0.1:27018/\"",
+            &format!("uri_file = \"{}\"", file.display()),
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.followers[0].uri.expose(),
+            "mongodb://u:fileSecret1@127.0.0.1:27018/"
+        );
+        assert!(!format!("{c:?}").contains("fileSecret1"));
+        assert!(!serde_json::to_string(&c).unwrap().contains("fileSecret1"));
+        assert!(!c.inline_secret);
+
+        let both = text.replace("uri_file", "uri = \"mongodb://127.0.0.1:27018/\"\nuri_file");
+        assert!(err(&both).contains("followers[0].uri_file"));
+        let missing = MINIMAL.replace(
+            "uri = \"mongodb://127.0.0.1:27018/\"",
+            "uri_file = \"/nonexistent/mr-uri\"",
+        );
+        let e = err(&missing);
+        assert!(
+            e.contains("followers[0].uri_file") && e.contains("/nonexistent/mr-uri"),
+            "{e}"
+        );
+        let neither = MINIMAL.replace("uri = \"mongodb://127.0.0.1:27018/\"", "");
+        assert!(
+            err(&neither).contains("followers[0].uri"),
+            "{}",
+            err(&neither)
+        );
+    }
+
+    #[test]
+    fn env_references_expand_and_unset_ones_are_named() {
+        std::env::set_var("MR_CONFIG_TEST_PW", "envSecret2");
+        let text = MINIMAL.replace(
+            "mongodb://127.0.0.1:27018/",
+            "mongodb://u:${MR_CONFIG_TEST_PW}@127.0.0.1:27018/",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.followers[0].uri.expose(),
+            "mongodb://u:envSecret2@127.0.0.1:27018/"
+        );
+        assert!(
+            !c.inline_secret,
+            "a password from the environment is not inline"
+        );
+        assert_eq!(
+            redact("connect u:envSecret2 failed"),
+            "connect u:*** failed"
+        );
+        let e = err(&text.replace("MR_CONFIG_TEST_PW", "MR_CONFIG_TEST_UNSET"));
+        assert!(
+            e.contains("followers[0].uri") && e.contains("MR_CONFIG_TEST_UNSET"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_readable_config_with_an_inline_password_warns() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let inline = MINIMAL.replace(
+            "mongodb://127.0.0.1:27018/",
+            "mongodb://u:inl1ne@127.0.0.1:27018/",
+        );
+        for (text, mode, warns) in [
+            (inline.as_str(), 0o644, true),
+            (inline.as_str(), 0o640, true),
+            (inline.as_str(), 0o600, false),
+            (MINIMAL, 0o644, false),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let c = Config::load(&path).unwrap();
+            let warned = c.warnings.iter().any(|w| w.contains("password inline"));
+            assert_eq!(warned, warns, "mode {mode:o}: {:?}", c.warnings);
+            assert!(!c.warnings.iter().any(|w| w.contains("inl1ne")));
+        }
+    }
+
+    #[test]
+    fn tls_options_that_skip_verification_warn() {
+        for (opts, warns) in [
+            ("tls=true&tlsInsecure=true", true),
+            ("tls=true&tlsAllowInvalidCertificates=true", true),
+            ("tls=true", false),
+            ("tls=true&tlsAllowInvalidCertificates=false", false),
+        ] {
+            let text = MINIMAL.replace(
+                "mongodb://127.0.0.1:27018/",
+                &format!("mongodb://127.0.0.1:27018/?{opts}"),
+            );
+            let c = Config::parse(&text).unwrap();
+            assert_eq!(!c.warnings.is_empty(), warns, "{opts}: {:?}", c.warnings);
+            if warns {
+                assert!(
+                    c.warnings[0].contains("follower `node-2`"),
+                    "{:?}",
+                    c.warnings
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_admin_token_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let with = |token: &str| {
+            std::fs::write(&path, token).unwrap();
+            Config::parse(&format!(
+                "{MINIMAL}\n[http]\nadmin_token_file = \"{}\"\n",
+                path.display()
+            ))
+        };
+        let c = with("0123456789abcdef0123\n").unwrap();
+        assert_eq!(
+            c.http.admin_token.as_ref().map(|t| t.expose()),
+            Some("0123456789abcdef0123")
+        );
+        assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
+        assert!(with("short")
+            .unwrap_err()
+            .0
+            .contains("http.admin_token_file"));
+        assert!(with("two tokens 0123456789abcdef").is_err());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! one source, for the configured collections, through change streams.
 //!
 //! Modules, in the order data flows through them:
-//! - [`config`]: the TOML config, its validation, and redaction of secrets in URIs;
+//! - [`config`]: the TOML config and its validation;
+//! - [`uri`]: connection strings that keep their secrets, and redaction of any text;
 //! - [`source`]: connecting, and the facts about the source we depend on (replica set,
 //!   server time, "history lost" errors);
 //! - [`lease`]: which node may write (a lease in the source, with a rising term);
@@ -28,3 +29,4 @@ pub mod pipeline;
 pub mod service;
 pub mod source;
 pub mod status;
+pub mod uri;

@@ -55,7 +55,16 @@ enum Command {
 
 const EXIT_USAGE: u8 = 2;
 
+/// Loads the config for a one-shot command, printing its warnings.
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    let config = load_quietly(path)?;
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(config)
+}
+
+fn load_quietly(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_USAGE)
@@ -85,7 +94,7 @@ async fn run(cli: Cli) -> ExitCode {
     {
         match cli.command {
             Command::Run { config, node_id } => {
-                let mut config = match load(&config) {
+                let mut config = match load_quietly(&config) {
                     Ok(c) => c,
                     Err(code) => return code,
                 };
@@ -94,6 +103,9 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
                 mongo_replicator::service::init_logging(&config);
+                for w in &config.warnings {
+                    tracing::warn!("{w}");
+                }
                 match mongo_replicator::service::run(
                     config,
                     mongo_replicator::service::shutdown_signal(),

@@ -62,6 +62,17 @@ pub async fn run(
             status.pair(c, &f.name);
         }
     }
+    // A follower that answers but refuses the credentials is a configuration error, not an
+    // outage: stop now with the reason rather than retry it for ever.
+    futures::future::try_join_all(followers.iter().zip(&config.followers).map(|(f, cfg)| {
+        crate::source::verify_credentials(
+            f.client(),
+            format!("follower `{}`", cfg.name),
+            &cfg.uri,
+            crate::source::SERVER_SELECTION_TIMEOUT,
+        )
+    }))
+    .await?;
     let node = Arc::new(Node {
         config: config.clone(),
         status: status.clone(),
@@ -277,8 +288,12 @@ pub fn init_logging(config: &Config) {
             tracing_subscriber::EnvFilter::try_new(&config.log.level)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
+    // Colours only for a person at a terminal: not in files, pipes or journals.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match config.log.format {
         crate::config::LogFormat::Json => {
@@ -302,14 +317,25 @@ async fn watch_headroom(node: Arc<Node>, stop: CancellationToken) {
         .source
         .database("local")
         .collection::<mongodb::bson::Document>("oplog.rs");
+    let mut told = false;
     loop {
         // Only the leader's checkpoints move; a standby reads nothing.
         let oldest = if node.status.is_leader() {
-            oplog
+            let first = oplog
                 .find_one(mongodb::bson::doc! {})
                 .sort(mongodb::bson::doc! {"$natural": 1})
                 .projection(mongodb::bson::doc! {"ts": 1})
-                .await
+                .await;
+            if let Err(e) = &first {
+                if crate::source::error_code(e) == Some(13) && !told {
+                    told = true;
+                    tracing::warn!(
+                        error = %crate::source::describe(e),
+                        "oplog headroom is not measured: the source user may not read local.oplog.rs; grant it {{role: \"read\", db: \"local\"}} to get the headroom metric and its alert"
+                    );
+                }
+            }
+            first
                 .ok()
                 .flatten()
                 .and_then(|d| d.get_timestamp("ts").ok())

@@ -6,21 +6,17 @@ use mongodb::bson::{doc, DateTime};
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 
-use crate::config::{bounded_message, one_line, redact, redact_uri};
+use crate::config::{bounded_message, redact, Uri};
 
 /// How long an operation waits for a reachable server before it fails.
 pub const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client for `uri`; `what` names the deployment in errors ("source", "follower node-2").
 /// The client connects lazily, so this fails only on a malformed URI.
-pub async fn client(uri: &str, what: &str) -> anyhow::Result<Client> {
-    let mut opts = ClientOptions::parse(uri).await.map_err(|e| {
-        anyhow::anyhow!(
-            "{what}: invalid URI {}: {}",
-            redact_uri(uri),
-            redact(&e.to_string())
-        )
-    })?;
+pub async fn client(uri: &Uri, what: &str) -> anyhow::Result<Client> {
+    let mut opts = ClientOptions::parse(uri.expose())
+        .await
+        .map_err(|e| anyhow::anyhow!("{what}: invalid URI {uri}: {}", redact(&e.to_string())))?;
     opts.app_name = Some("mongo-replicator".into());
     if opts.server_selection_timeout.is_none() {
         opts.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
@@ -54,24 +50,31 @@ pub async fn shutdown_clients() {
 pub enum SourceError {
     #[error("cannot reach the source ({uri}): {reason}")]
     Unreachable { uri: String, reason: String },
+    #[error("authentication to the source ({uri}) failed: {reason}; check the user, password and authSource in source.uri")]
+    AuthFailed { uri: String, reason: String },
     #[error("the source ({uri}) is not a replica set, and change streams need one; start it with --replSet and run rs.initiate() (a single-node replica set is enough)")]
     NotReplicaSet { uri: String },
 }
 
 /// Checks that the source answers and is a replica set (or a sharded cluster).
-pub async fn check_source(client: &Client, uri: &str) -> Result<(), SourceError> {
+pub async fn check_source(client: &Client, uri: &Uri) -> Result<(), SourceError> {
     let hello = client
         .database("admin")
         .run_command(doc! {"hello": 1})
         .await
-        .map_err(|e| SourceError::Unreachable {
-            uri: redact_uri(uri),
-            reason: one_line(&redact(&e.to_string())),
+        .map_err(|e| {
+            let uri = uri.to_string();
+            let reason = describe(&e);
+            if is_auth_failure(&e) {
+                SourceError::AuthFailed { uri, reason }
+            } else {
+                SourceError::Unreachable { uri, reason }
+            }
         })?;
     let replica_set = hello.get_str("setName").is_ok() || hello.get_str("msg") == Ok("isdbgrid");
     if !replica_set {
         return Err(SourceError::NotReplicaSet {
-            uri: redact_uri(uri),
+            uri: uri.to_string(),
         });
     }
     Ok(())
@@ -105,6 +108,32 @@ pub fn is_history_lost(e: &mongodb::error::Error) -> bool {
     let msg = e.to_string().to_ascii_lowercase();
     msg.contains("changestreamhistorylost")
         || msg.contains("resume point may no longer be in the oplog")
+}
+
+/// Whether the server refused the credentials (not: the user lacks a privilege).
+pub fn is_auth_failure(e: &mongodb::error::Error) -> bool {
+    matches!(
+        e.kind.as_ref(),
+        mongodb::error::ErrorKind::Authentication { .. }
+    ) || error_code(e) == Some(18)
+}
+
+/// Fails when `client`'s deployment answers and refuses its credentials. A deployment that
+/// does not answer within `within` passes: it is down, which the replicator rides out.
+pub async fn verify_credentials(
+    client: &Client,
+    what: String,
+    uri: &Uri,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let admin = client.database("admin");
+    match tokio::time::timeout(within, admin.run_command(doc! {"ping": 1})).await {
+        Ok(Err(e)) if is_auth_failure(&e) => Err(anyhow::anyhow!(
+            "authentication to {what} ({uri}) failed: {}; check the user, password and authSource in its URI",
+            describe(&e)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The server's error code, for command and write errors.

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use mongodb::bson::{doc, Document};
 use mongodb::{Client, Collection};
 
+pub mod secure;
+pub use secure::ROOT_PASSWORD;
+
 /// Where the install script puts the server, unless `SECANTUS_BIN` says otherwise.
 fn secantus_bin() -> PathBuf {
     if let Ok(p) = std::env::var("SECANTUS_BIN") {
@@ -70,6 +73,11 @@ pub struct ServerOpts {
     /// Acknowledge writes before they are synced to disk, so that a kill -9 can lose
     /// acknowledged writes (as a mongod without journaling, or a disk that lies, would).
     pub no_sync: bool,
+    /// Require SCRAM authentication; a `root` user is created at first start (see
+    /// [`ROOT_PASSWORD`]) and the harness's own clients use it.
+    pub auth: bool,
+    /// Serve TLS with these certificates.
+    pub tls: Option<secure::ServerTls>,
 }
 
 pub struct Server {
@@ -147,6 +155,12 @@ impl Server {
             if let Some(n) = self.opts.oplog_max_entries {
                 cmd.args(["--oplog-max-entries", &n.to_string()]);
             }
+            if self.opts.auth {
+                cmd.arg("--auth");
+            }
+            if let Some(tls) = &self.opts.tls {
+                tls.add_args(&mut cmd);
+            }
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -190,7 +204,8 @@ impl Server {
     }
 
     async fn wait_ready(&self) {
-        let client = Client::with_uri_str(self.direct_uri())
+        // Without credentials: `ping` needs none, and the first user may not exist yet.
+        let client = Client::with_uri_str(self.uri_with("", ""))
             .await
             .expect("client");
         wait_for("server answers ping", Duration::from_secs(60), || {
@@ -203,6 +218,9 @@ impl Server {
             }
         })
         .await;
+        if self.opts.auth {
+            secure::create_root(&client).await;
+        }
         if using_mongod() && !self.opts.standalone {
             let _ = client
                 .database("admin")
@@ -227,8 +245,32 @@ impl Server {
         self.direct_uri()
     }
 
+    /// A direct URI as the harness's own user (`root` on a server with auth).
     pub fn direct_uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+        if self.opts.auth {
+            self.uri_as("root", ROOT_PASSWORD)
+        } else {
+            self.uri_with("", "")
+        }
+    }
+
+    /// A direct URI that logs in as `user` (with `authSource=admin`), with the TLS options
+    /// this server needs.
+    pub fn uri_as(&self, user: &str, password: &str) -> String {
+        self.uri_with(&format!("{user}:{password}@"), "&authSource=admin")
+    }
+
+    fn uri_with(&self, credentials: &str, options: &str) -> String {
+        let tls = self
+            .opts
+            .tls
+            .as_ref()
+            .map(|t| t.client_options())
+            .unwrap_or_default();
+        format!(
+            "mongodb://{credentials}127.0.0.1:{}/?directConnection=true{options}{tls}",
+            self.port
+        )
     }
 
     pub async fn client(&self) -> Client {
@@ -431,6 +473,12 @@ pub struct ConfigBuilder {
     pub follower_extra: String,
     pub ttl: &'static str,
     pub renew: &'static str,
+    /// The HTTP listener's host (the port is the node's).
+    pub http_host: String,
+    /// Lines added to the `[http]` table.
+    pub http_extra: String,
+    /// Followers that read their URI from a file instead: (name, file).
+    pub uri_files: Vec<(String, PathBuf)>,
 }
 
 impl ConfigBuilder {
@@ -447,6 +495,9 @@ impl ConfigBuilder {
             follower_extra: String::new(),
             ttl: "3s",
             renew: "500ms",
+            http_host: "127.0.0.1".into(),
+            http_extra: String::new(),
+            uri_files: Vec::new(),
         }
     }
 
@@ -469,8 +520,12 @@ impl ConfigBuilder {
             colls.join(", ")
         );
         for (name, uri) in &self.followers {
+            let uri_line = match self.uri_files.iter().find(|(n, _)| n == name) {
+                Some((_, file)) => format!("uri_file = \"{}\"", file.display()),
+                None => format!("uri = \"{uri}\""),
+            };
             s.push_str(&format!(
-                "[[followers]]\nname = \"{name}\"\nuri = \"{uri}\"\n{}\n",
+                "[[followers]]\nname = \"{name}\"\n{uri_line}\n{}\n",
                 self.follower_extra
             ));
         }
@@ -487,7 +542,10 @@ impl ConfigBuilder {
                 self.ttl, self.renew
             ));
         }
-        s.push_str(&format!("[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n"));
+        s.push_str(&format!(
+            "[http]\nlisten = \"{}:{http_port}\"\n{}\n",
+            self.http_host, self.http_extra
+        ));
         s.push_str(&self.extra);
         s
     }
@@ -502,6 +560,8 @@ pub struct Replicator {
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
+    /// Environment variables for the process (after the harness's defaults).
+    pub env: Vec<(String, String)>,
 }
 
 pub fn bin() -> &'static str {
@@ -511,6 +571,15 @@ pub fn bin() -> &'static str {
 impl Replicator {
     /// Writes the config into a fresh directory and starts the process.
     pub fn start(config: &ConfigBuilder, node_id: &str) -> Replicator {
+        Replicator::start_with_env(config, node_id, &[])
+    }
+
+    /// Like [`Replicator::start`], with extra environment variables.
+    pub fn start_with_env(
+        config: &ConfigBuilder,
+        node_id: &str,
+        env: &[(&str, &str)],
+    ) -> Replicator {
         let dir = tempfile::Builder::new()
             .prefix("mr-node-")
             .tempdir()
@@ -527,6 +596,10 @@ impl Replicator {
             child: None,
             log,
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         r.spawn();
         r
@@ -546,6 +619,7 @@ impl Replicator {
             .args(["--node-id", &self.node_id])
             .env("RUST_LOG", "info,mongo_replicator=debug")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
