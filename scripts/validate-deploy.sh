@@ -30,6 +30,38 @@ else
     status=1
 fi
 
+echo "== compose: hardening and secrets"
+# Every replicator runs read-only, without capabilities or privilege escalation, with its
+# URIs and token from secrets; no URI in the deployment carries a password.
+if "${compose[@]}" -f docker/docker-compose.yml config | python3 -c '
+import re, sys, yaml
+conf = yaml.safe_load(sys.stdin)
+bad = []
+for name, svc in conf["services"].items():
+    if not name.startswith("replicator"):
+        continue
+    if svc.get("read_only") is not True:
+        bad.append(f"{name}: read_only is not true")
+    if "ALL" not in (svc.get("cap_drop") or []):
+        bad.append(f"{name}: cap_drop lacks ALL")
+    if not any("no-new-privileges" in o for o in svc.get("security_opt") or []):
+        bad.append(f"{name}: no no-new-privileges")
+    secrets = {s["source"] if isinstance(s, dict) else s for s in svc.get("secrets") or []}
+    for needed in ("source_uri", "admin_token"):
+        if needed not in secrets:
+            bad.append(f"{name}: does not get the {needed} secret")
+for path in ("docker/docker-compose.yml", "docker/config.toml"):
+    for line in open(path):
+        if re.search(r"mongodb(\+srv)?://[^/\s:@]+:[^@\s]+@", line) and "PASSWORD" not in line:
+            bad.append(f"{path}: a URI with a password: {line.strip()}")
+print("\n".join(bad) if bad else "ok: read_only, cap_drop ALL, no-new-privileges, secrets")
+sys.exit(1 if bad else 0)
+'; then
+    :
+else
+    status=1
+fi
+
 echo "== shellcheck"
 if ! command -v shellcheck >/dev/null 2>&1; then
     echo "error: shellcheck is not installed" >&2
