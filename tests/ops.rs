@@ -291,7 +291,11 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
     let uri_file = dir.path().join("uri");
     std::fs::write(&uri_file, "mongodb://127.0.0.1:27017/?replicaSet=rs0").unwrap();
     let follower_uri_file = dir.path().join("follower-uri");
-    std::fs::write(&follower_uri_file, "mongodb://127.0.0.1:27018/?replicaSet=rs1").unwrap();
+    std::fs::write(
+        &follower_uri_file,
+        "mongodb://127.0.0.1:27018/?replicaSet=rs1",
+    )
+    .unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "0123456789abcdef0123").unwrap();
     let mut optional = toml::Value::try_from(&config).unwrap();
@@ -301,7 +305,11 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
             .insert(key.into(), toml::Value::String(path.display().to_string()));
     };
     set(&mut optional["source"], "uri_file", &uri_file);
-    set(&mut optional["followers"][0], "uri_file", &follower_uri_file);
+    set(
+        &mut optional["followers"][0],
+        "uri_file",
+        &follower_uri_file,
+    );
     set(&mut optional["http"], "admin_token_file", &token_file);
     let optional = mongo_replicator::config::Config::parse(
         &toml::to_string(&optional)
@@ -310,7 +318,11 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
             .replace("uri = \"mongodb://127.0.0.1:27018/?replicaSet=rs1\"\n", ""),
     )
     .unwrap();
-    key_paths("", &toml::Value::try_from(&optional).unwrap(), &mut code_keys);
+    key_paths(
+        "",
+        &toml::Value::try_from(&optional).unwrap(),
+        &mut code_keys,
+    );
     // The documented keys: the first column of the README's config reference table.
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
     let section = readme.split("## Config reference").nth(1).unwrap();
@@ -337,12 +349,37 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
         "http.admin_token_file",
     ] {
         shown.remove(k);
-        assert!(example.contains(k.rsplit('.').next().unwrap()), "config.toml should mention {k}");
+        assert!(
+            example.contains(k.rsplit('.').next().unwrap()),
+            "config.toml should mention {k}"
+        );
     }
     assert_eq!(example_keys, shown, "config.toml should show every key");
     // The Docker deployment's config is valid too.
-    let docker = std::fs::read_to_string(format!("{root}/docker/config.toml")).unwrap();
-    mongo_replicator::config::Config::parse(&docker).unwrap();
+    // Its URIs and token are compose secrets: stand-ins here.
+    let secrets = tempfile::tempdir().unwrap();
+    for (name, content) in [
+        (
+            "source_uri",
+            "mongodb://replicator:pw@mongo1:27017/?replicaSet=rs1",
+        ),
+        (
+            "node_2_uri",
+            "mongodb://replicator:pw@mongo2:27017/?replicaSet=rs2",
+        ),
+        (
+            "node_3_uri",
+            "mongodb://replicator:pw@mongo3:27017/?replicaSet=rs3",
+        ),
+        ("admin_token", "0123456789abcdef0123456789abcdef"),
+    ] {
+        std::fs::write(secrets.path().join(name), content).unwrap();
+    }
+    let docker = std::fs::read_to_string(format!("{root}/docker/config.toml"))
+        .unwrap()
+        .replace("/run/secrets/", &format!("{}/", secrets.path().display()));
+    let docker = mongo_replicator::config::Config::parse(&docker).unwrap();
+    assert!(docker.http.admin_token.is_some());
 }
 
 #[tokio::test]
