@@ -5,7 +5,8 @@
 //! when `[http] admin_token_file` is set (401 without it), and answer 403 when the listener
 //! is not on loopback and no token is configured. The server bounds what a client can hold:
 //! [`MAX_CONNECTIONS`] connections, [`HEADER_READ_TIMEOUT`] to send a request's head (which
-//! also closes a connection idle between requests), and [`HANDLER_TIMEOUT`] per request.
+//! also closes a connection idle between requests), [`HANDLER_TIMEOUT`] per request, and
+//! [`WRITE_TIMEOUT`] for a client to take what it is sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a request may take to answer.
 pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a write to a client may wait: a client that stops reading (while it pipelines
+/// requests, say) loses its connection instead of holding it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a `/sync-check` result is reused.
 pub const SYNC_CHECK_CACHE: Duration = Duration::from_secs(5);
 
@@ -102,10 +106,12 @@ pub async fn serve(listener: tokio::net::TcpListener, node: Arc<Node>, stop: Can
         let stop = stop.clone();
         connections.spawn(async move {
             let _slot = slot;
+            let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+            io.set_write_timeout(Some(WRITE_TIMEOUT));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(Box::pin(io)), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

@@ -76,12 +76,21 @@ pub struct Lease {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("lease: {0}")]
-pub struct LeaseError(String);
+#[error("lease: {message}")]
+pub struct LeaseError {
+    message: String,
+    /// Whether the source refused the replicator's user (credentials or privileges): a
+    /// configuration error that retrying will not mend.
+    pub refused: bool,
+}
 
 impl From<mongodb::error::Error> for LeaseError {
     fn from(e: mongodb::error::Error) -> Self {
-        LeaseError(crate::source::describe(&e))
+        LeaseError {
+            message: crate::source::describe(&e),
+            refused: crate::source::is_auth_failure(&e)
+                || crate::source::error_code(&e) == Some(13),
+        }
     }
 }
 

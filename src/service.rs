@@ -64,11 +64,20 @@ pub async fn run(
     }
     // A follower that answers but refuses the credentials is a configuration error, not an
     // outage: stop now with the reason rather than retry it for ever.
+    crate::source::verify_access(
+        &source,
+        "the source".into(),
+        &config.source.uri,
+        &config.source.database,
+        crate::source::SERVER_SELECTION_TIMEOUT,
+    )
+    .await?;
     futures::future::try_join_all(followers.iter().zip(&config.followers).map(|(f, cfg)| {
-        crate::source::verify_credentials(
+        crate::source::verify_access(
             f.client(),
             format!("follower `{}`", cfg.name),
             &cfg.uri,
+            &config.source.database,
             crate::source::SERVER_SELECTION_TIMEOUT,
         )
     }))
@@ -146,7 +155,16 @@ async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Resul
             match attempt {
                 Ok(Ok(Some(a))) => break a,
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot reach the lease; staying standby"),
+                Ok(Err(e)) => {
+                    // A source that refuses the user will not change its mind: stop, saying why.
+                    if e.refused {
+                        return Err(anyhow::anyhow!(
+                            "the source ({}) refuses the replicator's user the lease in `{}.{}`: {e}; give the URI a user with the roles in docs/operations.md (\"Least-privilege roles\")",
+                            cfg.source.uri, cfg.lease.database, cfg.lease.collection
+                        ));
+                    }
+                    tracing::warn!(error = %e, "cannot reach the lease; staying standby")
+                }
                 Err(_) => tracing::warn!(
                     "the source did not answer the lease request in time; staying standby"
                 ),

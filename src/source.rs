@@ -118,21 +118,42 @@ pub fn is_auth_failure(e: &mongodb::error::Error) -> bool {
     ) || error_code(e) == Some(18)
 }
 
-/// Fails when `client`'s deployment answers and refuses its credentials. A deployment that
-/// does not answer within `within` passes: it is down, which the replicator rides out.
-pub async fn verify_credentials(
+/// Fails when `client`'s deployment answers and refuses the replicator's user: wrong
+/// credentials, none where the server requires them, or a user without access to
+/// `database`. A deployment that does not answer within `within` passes: it is down, which
+/// the replicator rides out.
+pub async fn verify_access(
     client: &Client,
     what: String,
     uri: &Uri,
+    database: &str,
     within: Duration,
 ) -> anyhow::Result<()> {
-    let admin = client.database("admin");
-    match tokio::time::timeout(within, admin.run_command(doc! {"ping": 1})).await {
-        Ok(Err(e)) if is_auth_failure(&e) => Err(anyhow::anyhow!(
-            "authentication to {what} ({uri}) failed: {}; check the user, password and authSource in its URI",
-            describe(&e)
-        )),
+    // `hello` and `ping` need no authentication; listing the collections needs the access
+    // the replicator needs anyway.
+    let db = client.database(database);
+    let list = db
+        .run_command(doc! {"listCollections": 1, "nameOnly": true, "authorizedCollections": true});
+    match tokio::time::timeout(within, list).await {
+        Ok(Err(e)) => refused(&e, &what, uri).map_or(Ok(()), Err),
         _ => Ok(()),
+    }
+}
+
+/// The error to stop with when `e` says the server refuses the replicator's user.
+pub fn refused(e: &mongodb::error::Error, what: &str, uri: &Uri) -> Option<anyhow::Error> {
+    if is_auth_failure(e) {
+        Some(anyhow::anyhow!(
+            "authentication to {what} ({uri}) failed: {}; check the user, password and authSource in its URI",
+            describe(e)
+        ))
+    } else if error_code(e) == Some(13) {
+        Some(anyhow::anyhow!(
+            "{what} ({uri}) refuses the replicator's user: {}; give the URI a user with the roles in docs/operations.md (\"Least-privilege roles\")",
+            describe(e)
+        ))
+    } else {
+        None
     }
 }
 

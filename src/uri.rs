@@ -77,7 +77,10 @@ pub fn expand_env(text: &str) -> Result<String, String> {
             rest = after;
         } else if let Some(after) = tail.strip_prefix("${") {
             let Some(end) = after.find('}') else {
-                return Err("has `${` without a closing `}`".into());
+                return Err(format!(
+                    "has a `${{` at character {} without a closing `}}`; write `$${{` for a literal `${{`",
+                    text.len() - tail.len() + 1
+                ));
             };
             let name = &after[..end];
             let valid = name
@@ -86,8 +89,10 @@ pub fn expand_env(text: &str) -> Result<String, String> {
                 .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
+                // Not echoed: it may be a piece of a password.
                 return Err(format!(
-                    "`${{{name}}}` is not a variable reference (use letters, digits and '_')"
+                    "has a `${{` at character {} that is not a variable reference `${{NAME}}` (letters, digits and '_'); write `$${{` for a literal `${{`",
+                    text.len() - tail.len() + 1
                 ));
             }
             match std::env::var(name) {
@@ -170,28 +175,29 @@ const SECRET_OPTIONS: &[&str] = &[
     "authmechanismproperties",
 ];
 
-/// Splits a URI into `scheme://`, the user information (if any), and the rest. Users
-/// sometimes leave a `/`, `?`, `#` or `@` in a password unescaped, so the user information
-/// runs from `://` to the *last* `@`; erring that way can only hide more, never show a
-/// password.
+/// Splits a URI into `scheme://`, the user information (if any), and the rest. The user
+/// information ends at the last `@` before the options (`?`), as the driver reads it. When
+/// there is none there, users sometimes leave a `?` in a password unescaped, so it ends at the
+/// last `@` anywhere: erring that way can only hide more, never show a password.
 fn split_userinfo(uri: &str) -> (&str, Option<&str>, &str) {
     let Some(at) = uri.find("://") else {
         return ("", None, uri);
     };
     let (scheme, rest) = uri.split_at(at + 3);
-    match rest.rsplit_once('@') {
-        Some((userinfo, hosts)) => (scheme, Some(userinfo), hosts),
+    let before_options = &rest[..rest.find('?').unwrap_or(rest.len())];
+    match before_options.rfind('@').or_else(|| rest.rfind('@')) {
+        Some(at) => (scheme, Some(&rest[..at]), &rest[at + 1..]),
         None => (scheme, None, rest),
     }
 }
 
-/// The options part of a URI's host section, split into `key=value` items (`&` or `;`).
-fn options(after_userinfo: &str) -> impl Iterator<Item = &str> {
-    after_userinfo
-        .split_once('?')
+/// Every `key=value` item after the first `?` of the whole URI (`&` or `;` between them),
+/// wherever the user information was found to end.
+fn options(uri: &str) -> impl Iterator<Item = &str> {
+    uri.split_once('?')
         .map(|(_, q)| q)
         .unwrap_or("")
-        .split(['&', ';'])
+        .split(['&', ';', '?'])
 }
 
 fn is_secret_option(key: &str) -> bool {
@@ -201,14 +207,14 @@ fn is_secret_option(key: &str) -> bool {
 
 /// Every secret a URI carries: the password, and the values of secret options.
 fn uri_secrets(uri: &str) -> Vec<&str> {
-    let (_, userinfo, rest) = split_userinfo(uri);
+    let (_, userinfo, _) = split_userinfo(uri);
     let mut out: Vec<&str> = userinfo
         .and_then(|u| u.split_once(':'))
         .map(|(_, pass)| pass)
         .into_iter()
         .collect();
     out.extend(
-        options(rest)
+        options(uri)
             .filter_map(|kv| kv.split_once('='))
             .filter(|(k, _)| is_secret_option(k))
             .map(|(_, v)| v),
@@ -233,30 +239,36 @@ pub fn redact_uri(uri: &str) -> String {
             }
         }
     }
-    match rest.split_once('?') {
-        None => out.push_str(rest),
-        Some((hosts, query)) => {
-            out.push_str(hosts);
-            out.push('?');
-            let mut start = 0;
-            for (i, c) in query.char_indices().chain([(query.len(), '&')]) {
-                if c == '&' || c == ';' {
-                    let item = &query[start..i];
-                    match item.split_once('=') {
-                        Some((k, _)) if is_secret_option(k) => {
-                            out.push_str(k);
-                            out.push_str("=***");
-                        }
-                        _ => out.push_str(item),
-                    }
-                    if i < query.len() {
-                        out.push(c);
-                    }
-                    start = i + 1;
-                }
-            }
+    // Secret option values, wherever they sit in what is left (the user information may have
+    // swallowed some options; those are already hidden).
+    let query = if userinfo.is_some_and(|u| u.contains('?')) {
+        // The user information ran into the options: all that is left is options.
+        rest
+    } else {
+        let Some((hosts, query)) = rest.split_once('?') else {
+            out.push_str(rest);
+            return out;
+        };
+        out.push_str(hosts);
+        out.push('?');
+        query
+    };
+    let push_item = |out: &mut String, item: &str| match item.split_once('=') {
+        Some((k, _)) if is_secret_option(k) => {
+            out.push_str(k);
+            out.push_str("=***");
+        }
+        _ => out.push_str(item),
+    };
+    let mut start = 0;
+    for (i, c) in query.char_indices() {
+        if matches!(c, '&' | ';' | '?') {
+            push_item(&mut out, &query[start..i]);
+            out.push(c);
+            start = i + 1;
         }
     }
+    push_item(&mut out, &query[start..]);
     out
 }
 
@@ -303,6 +315,28 @@ mod tests {
             ] {
                 assert!(!text.contains(secret), "{text}");
             }
+        }
+    }
+
+    /// Review: an `@` in an option value made the user information swallow the options, so
+    /// secret options after it were neither hidden nor registered.
+    #[test]
+    fn an_at_sign_in_an_option_value_hides_no_less() {
+        for uri in [
+            "mongodb://bob:pw@h:1/?appName=ops@box&tlsCertificateKeyFilePassword=K3yLeak",
+            "mongodb://h:1/?appName=ops@box&proxyPassword=K3yLeak",
+            "mongodb://h:1/?proxyPassword=K3yLeak&appName=ops@box",
+        ] {
+            let u = Uri::new(uri);
+            for text in [
+                format!("{u}"),
+                format!("{u:?}"),
+                serde_json::to_string(&u).unwrap(),
+            ] {
+                assert!(!text.contains("K3yLeak"), "{text}");
+                assert!(!text.contains("pw@"), "{text}");
+            }
+            assert!(uri_secrets(uri).contains(&"K3yLeak"), "{uri}");
         }
     }
 

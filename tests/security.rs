@@ -504,3 +504,119 @@ async fn sync_check_results_are_cached_briefly() {
     })
     .await;
 }
+
+/// `run` as a child for at most `limit`: its exit code (None when it was still running and
+/// was killed) and its output.
+fn run_for(path: &std::path::Path, limit: Duration) -> (Option<i32>, String) {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(path)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::from(out.reopen().unwrap()))
+        .stderr(std::process::Stdio::from(out.reopen().unwrap()))
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (
+        code,
+        std::fs::read_to_string(out.path()).unwrap_or_default(),
+    )
+}
+
+/// Review: a URI without credentials for a server that requires them passed the startup
+/// check (`hello` and `ping` need no login), then the node retried for ever: pipelines on a
+/// follower, the lease on the source ("staying standby"). Now `run` stops at once, saying
+/// which deployment refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_uri_without_credentials_for_an_auth_server_fails_clearly_at_startup() {
+    let plain = Server::start().await;
+    let secured = Server::start_with(ServerOpts {
+        auth: true,
+        ..Default::default()
+    })
+    .await;
+    let anonymous = format!(
+        "mongodb://127.0.0.1:{}/?directConnection=true",
+        secured.port
+    );
+    for (who, needle) in [("follower", "follower `f1`"), ("source", "the source")] {
+        let mut cfg = if who == "follower" {
+            ConfigBuilder::new(&plain, &[&secured])
+        } else {
+            ConfigBuilder::new(&secured, &[&plain])
+        };
+        if who == "follower" {
+            cfg.followers[0].1 = anonymous.clone();
+        } else {
+            cfg.source = anonymous.clone();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, cfg.render(dir.path(), free_port())).unwrap();
+        let (code, out) = run_for(&path, Duration::from_secs(30));
+        assert_eq!(
+            code,
+            Some(1),
+            "{who}: still running, or another exit:\n{out}"
+        );
+        let error = out.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+        assert!(
+            error.contains(needle) && error.contains("refuses the replicator's user"),
+            "{who}: {out}"
+        );
+    }
+}
+
+/// Review: clients that pipeline requests and never read their answers filled the server's
+/// send buffers, and hyper waited on those writes for ever, holding every connection slot
+/// (and refusing `/healthz`) past every other timeout. A stalled write now ends its
+/// connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_never_read_cannot_hold_the_http_server() {
+    let src = Server::start().await;
+    let f1 = Server::start().await;
+    let node = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    node.wait_streaming(Duration::from_secs(60)).await;
+    let addr = format!("127.0.0.1:{}", node.http_port);
+    // Many pipelined requests for a large answer: far more than the socket buffers hold.
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let held: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let _ = s.write_all(&requests);
+            s
+        })
+        .collect();
+    // Every slot is taken and stuck on a write; within the write timeout (10 s) plus a
+    // margin, the node serves again while those clients still hold their sockets open.
+    wait_for(
+        "the node answers /healthz",
+        Duration::from_secs(40),
+        || async {
+            let Ok(mut probe) = TcpStream::connect(&addr) else {
+                return false;
+            };
+            let _ = probe.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ =
+                probe.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut buf = [0u8; 64];
+            probe.read(&mut buf).unwrap_or(0) > 0
+        },
+    )
+    .await;
+    drop(held);
+}
