@@ -54,7 +54,12 @@ for path in ("docker/docker-compose.yml", "docker/config.toml"):
     for line in open(path):
         if re.search(r"mongodb(\+srv)?://[^/\s:@]+:[^@\s]+@", line) and "PASSWORD" not in line:
             bad.append(f"{path}: a URI with a password: {line.strip()}")
-print("\n".join(bad) if bad else "ok: read_only, cap_drop ALL, no-new-privileges, secrets")
+# The state directory (the token file) is private, in the image and under systemd.
+if "-m 0700 /var/lib/mongo-replicator" not in open("docker/Dockerfile").read():
+    bad.append("docker/Dockerfile: the state directory is not created 0700")
+if "StateDirectoryMode=0700" not in open("deploy/mongo-replicator.service").read():
+    bad.append("deploy/mongo-replicator.service: StateDirectoryMode is not 0700")
+print("\n".join(bad) if bad else "ok: read_only, cap_drop ALL, no-new-privileges, secrets, state directory 0700")
 sys.exit(1 if bad else 0)
 '; then
     :
