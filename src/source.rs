@@ -180,11 +180,17 @@ pub fn describe(e: &mongodb::error::Error) -> String {
         ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
             format!("write concern error (code {}): {}", w.code, w.message)
         }
+        ErrorKind::Authentication { message, .. } => message.clone(),
         _ => e.to_string(),
     };
-    let text = match text.find(", server response:") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    };
+    // The driver's display appends its internals (labels, the source error, the raw
+    // server response): the reason is what comes before them.
+    let text = [", labels:", ", server response:"]
+        .iter()
+        .filter_map(|cut| text.find(cut))
+        .min()
+        .map(|i| text[..i].to_string())
+        .unwrap_or(text);
+    let text = text.strip_prefix("Kind: ").unwrap_or(&text).to_string();
     bounded_message(&redact(&text))
 }

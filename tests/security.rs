@@ -327,6 +327,10 @@ async fn a_wrong_password_is_one_clear_line_naming_the_deployment() {
             "{who}: {out}"
         );
         assert!(!out.contains(wrong), "{who}: the password shows: {out}");
+        assert!(
+            !error_lines[0].contains("labels") && !error_lines[0].contains("Some(Error"),
+            "{who}: the driver's internals show: {out}"
+        );
 
         let (code, out) = run_check(&path, &[]);
         assert_eq!(code, 3, "{who}: check: {out}");
