@@ -18,11 +18,10 @@ trap cleanup EXIT
 # The replicator builds in the background while the servers are prepared.
 echo "== building the replicator (the first time takes a few minutes)"
 BUILD_LOG="$(mktemp)"
-cargo build --quiet --bin mongo-replicator --example sample_writer >"$BUILD_LOG" 2>&1 &
+cargo build --quiet --bin mongo-replicator >"$BUILD_LOG" 2>&1 &
 BUILD=$!
 PIDS+=("$BUILD")
 BIN=target/debug/mongo-replicator
-WRITER=target/debug/examples/sample_writer
 
 # The servers: the compiled test server when it is installed (the test suite's; building it
 # takes about 8 minutes, once per machine), otherwise SecantusDB's Python build, which
@@ -36,12 +35,18 @@ if [[ -z "$SERVER_KIND" ]]; then
         SERVER_KIND=python
     fi
 fi
+# The sample writer is a few lines of Python (pymongo), in the same private virtualenv.
+VENV="${HOME}/.cache/mongo-replicator/secantus-py"
 SERVER_ARGS=()
 if [[ "$SERVER_KIND" == compiled ]]; then
     SERVER="$(scripts/install-test-server.sh | tail -n 1)"
     SERVER_ARGS=(--log-file-max 16MB)
+    if ! "$VENV/bin/python" -c 'import pymongo' >/dev/null 2>&1; then
+        echo "== installing pymongo for the sample writer (seconds)"
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check "pymongo>=4,<5"
+    fi
 else
-    VENV="${HOME}/.cache/mongo-replicator/secantus-py"
     if [[ ! -x "$VENV/bin/secantusd-py" ]]; then
         echo "== installing the test server's Python build (seconds)"
         python3 -m venv "$VENV"
@@ -49,20 +54,27 @@ else
     fi
     SERVER="$VENV/bin/secantusd-py"
 fi
+WRITER=("$VENV/bin/python" scripts/sample_writer.py)
 
 
-# Starts a server in this shell (so that cleanup can stop it) and sets PORT to its port.
+# Starts a server in this shell (so that cleanup can stop it); `server_port NAME` then waits
+# for it and prints its port. The three start side by side.
 start_server() {
     local name=$1
     mkdir -p "$DEMO/$name"
     "$SERVER" --host 127.0.0.1 --port 0 --storage-path "$DEMO/$name" "${SERVER_ARGS[@]}" \
         --cache-size 256M >"$DEMO/$name.out" 2>"$DEMO/$name.err" &
     PIDS+=($!)
-    PORT=""
+}
+server_port() {
+    local name=$1 port
     # The Python build takes a few seconds to start, more while the replicator compiles.
     for _ in $(seq 1 600); do
-        PORT=$(cat "$DEMO/$name.out" "$DEMO/$name.err" 2>/dev/null | sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' | head -n 1)
-        if [[ -n "$PORT" ]]; then return 0; fi
+        port=$(cat "$DEMO/$name.out" "$DEMO/$name.err" 2>/dev/null | sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' | head -n 1)
+        if [[ -n "$port" ]]; then
+            echo "$port"
+            return 0
+        fi
         sleep 0.1
     done
     echo "server $name did not start" >&2
@@ -71,11 +83,11 @@ start_server() {
 
 echo "== starting a source and two followers ($SERVER_KIND test server)"
 start_server source
-SRC=$PORT
 start_server follower-1
-F1=$PORT
 start_server follower-2
-F2=$PORT
+SRC=$(server_port source)
+F1=$(server_port follower-1)
+F2=$(server_port follower-2)
 HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 9187)
 echo "   source 127.0.0.1:$SRC, followers 127.0.0.1:$F1 and 127.0.0.1:$F2"
 
@@ -102,15 +114,17 @@ token_file = "$DEMO/tokens.json"
 listen = "127.0.0.1:$HTTP_PORT"
 TOML
 
+# A few hundred documents: enough to show a copy and a stream, and quick on the Python
+# build of the test server, which matches documents without an index's help.
+echo "== writing 400 documents before the replicator starts (they arrive by initial sync)"
+"${WRITER[@]}" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 400
+
 if ! wait "$BUILD"; then
     cat "$BUILD_LOG" >&2
     echo "the replicator did not build" >&2
     exit 1
 fi
 rm -f "$BUILD_LOG"
-
-echo "== writing 1000 documents before the replicator starts (they arrive by initial sync)"
-"$WRITER" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 1000
 
 echo "== starting the replicator"
 "$BIN" run --config "$DEMO/config.toml" 2>"$DEMO/replicator.log" &
@@ -122,7 +136,7 @@ for _ in $(seq 1 100); do
 done
 
 echo "== writing more while it streams"
-"$WRITER" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 500 1000
+"${WRITER[@]}" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 200 400
 
 echo "== waiting for the followers to match"
 for _ in $(seq 1 150); do

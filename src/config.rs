@@ -265,20 +265,22 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::new(text);
+        let line_of = |span: Option<std::ops::Range<usize>>| {
+            span.map(|s| {
+                format!(
+                    " (line {})",
+                    text[..s.start.min(text.len())].lines().count().max(1)
+                )
+            })
+            .unwrap_or_default()
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError(format!("{}{}", one_line(e.message()), line_of(e.span()))))?;
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let msg = one_line(inner.message());
-            let line = inner
-                .span()
-                .map(|s| {
-                    format!(
-                        " (line {})",
-                        text[..s.start.min(text.len())].lines().count().max(1)
-                    )
-                })
-                .unwrap_or_default();
+            let line = line_of(inner.span());
             if path.is_empty() || path == "." {
                 ConfigError(format!("{msg}{line}"))
             } else {
@@ -515,13 +517,14 @@ impl Config {
                 ),
             )
         })?;
-        tracing_subscriber::EnvFilter::builder()
-            .parse(&self.log.level)
+        self.log
+            .level
+            .parse::<tracing_subscriber::filter::Targets>()
             .map_err(|e| {
                 ConfigError::key(
                     "log.level",
                     format!(
-                        "`{}` is not a level or filter (use error, warn, info, debug or trace): {e}",
+                        "`{}` is not a level or filter (use error, warn, info, debug or trace, or directives such as `info,mongo_replicator=debug`): {e}",
                         self.log.level
                     ),
                 )

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::Targets;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
@@ -299,28 +300,28 @@ fn set_own_lease_view(node: &Node, auth: &Authority) {
 
 /// Logs to stderr at `[log] level` (`RUST_LOG` overrides it), as text or JSON lines.
 pub fn init_logging(config: &Config) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .and_then(|v| v.parse::<Targets>().ok())
         .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(&config.log.level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+            config
+                .log
+                .level
+                .parse::<Targets>()
+                .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
         });
     // Colours only for a person at a terminal: not in files, pipes or journals.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match config.log.format {
-        crate::config::LogFormat::Json => {
-            let _ = builder.json().try_init();
-        }
-        crate::config::LogFormat::Text => {
-            let _ = builder.try_init();
-        }
-    }
+    let _ = match config.log.format {
+        crate::config::LogFormat::Json => builder.json().finish().with(filter).try_init(),
+        crate::config::LogFormat::Text => builder.finish().with(filter).try_init(),
+    };
 }
 
 /// How often the oplog headroom is measured.
