@@ -116,8 +116,8 @@ TOML
 
 # A few hundred documents: enough to show a copy and a stream, and quick on the Python
 # build of the test server, which matches documents without an index's help.
-echo "== writing 400 documents before the replicator starts (they arrive by initial sync)"
-"${WRITER[@]}" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 400
+echo "== writing 200 documents before the replicator starts (they arrive by initial sync)"
+"${WRITER[@]}" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 200
 
 if ! wait "$BUILD"; then
     cat "$BUILD_LOG" >&2
@@ -136,7 +136,7 @@ for _ in $(seq 1 100); do
 done
 
 echo "== writing more while it streams"
-"${WRITER[@]}" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 200 400
+"${WRITER[@]}" "mongodb://127.0.0.1:$SRC/?directConnection=true" app data 100 200
 
 echo "== waiting for the followers to match"
 for _ in $(seq 1 150); do

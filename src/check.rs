@@ -69,6 +69,11 @@ pub struct CheckArgs {
     /// Rechecks of differing keys before they are reported.
     #[arg(long, default_value_t = 5)]
     pub recheck_rounds: u32,
+    /// Also write the outcome as Prometheus metrics to this file (for node_exporter's
+    /// textfile collector): when the check last ran, last found the followers identical,
+    /// and what differed.
+    #[arg(long)]
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// The exit codes of the contract.
@@ -169,7 +174,23 @@ pub async fn main(args: CheckArgs) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    match run(&config, &args).await {
+    let outcome = run(&config, &args).await;
+    if let Some(path) = &args.metrics_file {
+        let report = match &outcome {
+            Ok(r) => Some(r),
+            Err(CheckError::CannotRun(_)) => None,
+            Err(CheckError::Usage(_)) => return usage_or_report(outcome, &args),
+        };
+        if let Err(e) = write_metrics_file(path, report) {
+            eprintln!("error: cannot write --metrics-file {}: {e}", path.display());
+        }
+    }
+    usage_or_report(outcome, &args)
+}
+
+/// Prints the outcome of a check and gives its exit code.
+fn usage_or_report(outcome: Result<Report, CheckError>, args: &CheckArgs) -> ExitCode {
+    match outcome {
         Ok(report) => {
             if args.json {
                 println!(
@@ -194,6 +215,82 @@ pub async fn main(args: CheckArgs) -> ExitCode {
             ExitCode::from(EXIT_CANNOT_RUN)
         }
     }
+}
+
+/// Writes the check's outcome as Prometheus text to `path` (atomically): the time of this
+/// run, whether it found the followers identical (`None`: it could not run), the time of the
+/// last run that did (kept from the previous file when this one did not), and the
+/// differences per collection, follower and kind.
+pub fn write_metrics_file(path: &std::path::Path, report: Option<&Report>) -> std::io::Result<()> {
+    use prometheus::{Encoder, Gauge, GaugeVec, Opts, Registry, TextEncoder};
+    const LAST_SUCCESS: &str = "mongo_replicator_check_last_success_timestamp_seconds";
+    let now = crate::checkpoint::now_ms() as f64 / 1000.0;
+    let consistent = report.is_some_and(|r| r.consistent);
+    let previous_success = std::fs::read_to_string(path).ok().and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{LAST_SUCCESS} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str, value: f64| -> std::io::Result<()> {
+        let g = Gauge::with_opts(Opts::new(name, help)).map_err(std::io::Error::other)?;
+        g.set(value);
+        registry
+            .register(Box::new(g))
+            .map_err(std::io::Error::other)
+    };
+    gauge(
+        "mongo_replicator_check_last_run_timestamp_seconds",
+        "When mongo-replicator check last ran (whatever it found).",
+        now,
+    )?;
+    gauge(
+        "mongo_replicator_check_last_run_consistent",
+        "1 when the last check found every follower identical to the source (after repair, with --repair); 0 when it found differences or could not run.",
+        if consistent { 1.0 } else { 0.0 },
+    )?;
+    if let Some(at) = if consistent {
+        Some(now)
+    } else {
+        previous_success
+    } {
+        gauge(
+            LAST_SUCCESS,
+            "When a check last found every follower identical to the source.",
+            at,
+        )?;
+    }
+    let diffs = GaugeVec::new(
+        Opts::new(
+            "mongo_replicator_check_differences",
+            "Documents that differed in the last check, per collection, follower and kind (missing, extra, different, quarantined).",
+        ),
+        &["collection", "follower", "kind"],
+    )
+    .map_err(std::io::Error::other)?;
+    for p in report.map(|r| r.pairs.as_slice()).unwrap_or_default() {
+        for (kind, n) in [
+            ("missing", p.missing),
+            ("extra", p.extra),
+            ("different", p.different),
+            ("quarantined", p.quarantined),
+        ] {
+            diffs
+                .with_label_values(&[p.collection.as_str(), p.follower.as_str(), kind])
+                .set(n as f64);
+        }
+    }
+    registry
+        .register(Box::new(diffs))
+        .map_err(std::io::Error::other)?;
+    let mut text = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut text)
+        .map_err(std::io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, &text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Checks (and repairs, with `--repair`) every selected pair.

@@ -304,3 +304,89 @@ async fn keys_of_mixed_types_are_compared_across_type_boundaries() {
     assert_eq!(run.code, 1, "{}", run.stdout);
     assert_eq!(counts(&run), (1, 0, 1), "{}", run.stdout);
 }
+
+/// `--metrics-file` writes the outcome for node_exporter's textfile collector: the run's
+/// time, whether it found the followers identical, the time of the last run that did (kept
+/// across a run that finds differences, or cannot run), and the differences.
+#[tokio::test]
+async fn the_metrics_file_keeps_the_last_success_across_failed_checks() {
+    let (src, f1, r) = synced(20).await;
+    let file = r.dir.path().join("check.prom");
+    let arg = file.to_str().unwrap().to_string();
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let run = check(&r.config_path, &["--metrics-file", &arg]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let first = std::fs::read_to_string(&file).unwrap();
+    let success = value(
+        &first,
+        "mongo_replicator_check_last_success_timestamp_seconds ",
+    )
+    .expect("a success time");
+    assert_eq!(
+        value(&first, "mongo_replicator_check_last_run_consistent "),
+        Some(1.0)
+    );
+
+    // A difference: the run fails, the last success is kept, the difference is counted.
+    f1.coll("data")
+        .await
+        .insert_one(doc! {"dataId": "stray"})
+        .await
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let run = check(&r.config_path, &["--metrics-file", &arg]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let second = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        value(&second, "mongo_replicator_check_last_run_consistent "),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &second,
+            "mongo_replicator_check_last_success_timestamp_seconds "
+        ),
+        Some(success),
+        "{second}"
+    );
+    assert!(
+        value(
+            &second,
+            "mongo_replicator_check_last_run_timestamp_seconds "
+        )
+        .unwrap()
+            > success,
+        "{second}"
+    );
+    assert_eq!(
+        value(
+            &second,
+            "mongo_replicator_check_differences{collection=\"data\",follower=\"f1\",kind=\"extra\"} "
+        ),
+        Some(1.0),
+        "{second}"
+    );
+
+    // A check that cannot run (the source is gone) still records its run, and keeps the
+    // last success.
+    drop(src);
+    let run = check(&r.config_path, &["--metrics-file", &arg]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let third = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        value(
+            &third,
+            "mongo_replicator_check_last_success_timestamp_seconds "
+        ),
+        Some(success),
+        "{third}"
+    );
+    assert_eq!(
+        value(&third, "mongo_replicator_check_last_run_consistent "),
+        Some(0.0)
+    );
+}

@@ -460,6 +460,12 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     })
     .await;
     let text = scrape().await;
+    // The check's metrics come from `check --metrics-file` (node_exporter's textfile
+    // collector), not from the node.
+    let file = r.dir.path().join("check.prom");
+    let (code, out) = run_check(&r.config_path, &["--metrics-file", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let text = text + &std::fs::read_to_string(&file).unwrap();
     let exported: BTreeSet<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
