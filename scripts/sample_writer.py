@@ -7,6 +7,7 @@ import datetime
 import sys
 
 from pymongo import MongoClient
+from pymongo.errors import PyMongoError
 
 
 def main() -> int:
@@ -16,7 +17,7 @@ def main() -> int:
     uri, db, coll = sys.argv[1:4]
     count = int(sys.argv[4])
     first = int(sys.argv[5]) if len(sys.argv) == 6 else 0
-    c = MongoClient(uri)[db][coll]
+    c = MongoClient(uri, serverSelectionTimeoutMS=5000)[db][coll]
     ids = range(first, first + count)
     c.insert_many(
         [
@@ -42,4 +43,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PyMongoError as e:
+        print(f"error: cannot write the sample data: {e}", file=sys.stderr)
+        sys.exit(1)

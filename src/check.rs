@@ -71,7 +71,7 @@ pub struct CheckArgs {
     pub recheck_rounds: u32,
     /// Also write the outcome as Prometheus metrics to this file (for node_exporter's
     /// textfile collector): when the check last ran, last found the followers identical,
-    /// and what differed.
+    /// and what differed. Checks every follower (not with --follower).
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
 }
@@ -174,6 +174,10 @@ pub async fn main(args: CheckArgs) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    if args.metrics_file.is_some() && args.follower.is_some() {
+        eprintln!("error: --metrics-file records a check of every follower; it cannot be combined with --follower");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let outcome = run(&config, &args).await;
     if let Some(path) = &args.metrics_file {
         let report = match &outcome {
@@ -226,11 +230,22 @@ pub fn write_metrics_file(path: &std::path::Path, report: Option<&Report>) -> st
     const LAST_SUCCESS: &str = "mongo_replicator_check_last_success_timestamp_seconds";
     let now = crate::checkpoint::now_ms() as f64 / 1000.0;
     let consistent = report.is_some_and(|r| r.consistent);
-    let previous_success = std::fs::read_to_string(path).ok().and_then(|text| {
-        text.lines()
+    // The last success so far: 0 (the epoch, so that the staleness alert fires) when no
+    // check has ever succeeded. A previous file that cannot be read stops the write rather
+    // than lose it.
+    let previous_success = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{LAST_SUCCESS} ")))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    });
+            .and_then(|v| v.trim().parse::<f64>().ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot read the previous file to keep its last success time: {e}"),
+            ))
+        }
+    };
     let registry = Registry::new();
     let gauge = |name: &str, help: &str, value: f64| -> std::io::Result<()> {
         let g = Gauge::with_opts(Opts::new(name, help)).map_err(std::io::Error::other)?;
@@ -249,17 +264,15 @@ pub fn write_metrics_file(path: &std::path::Path, report: Option<&Report>) -> st
         "1 when the last check found every follower identical to the source (after repair, with --repair); 0 when it found differences or could not run.",
         if consistent { 1.0 } else { 0.0 },
     )?;
-    if let Some(at) = if consistent {
-        Some(now)
-    } else {
-        previous_success
-    } {
-        gauge(
-            LAST_SUCCESS,
-            "When a check last found every follower identical to the source.",
-            at,
-        )?;
-    }
+    gauge(
+        LAST_SUCCESS,
+        "When a check last found every follower identical to the source (0: never).",
+        if consistent {
+            now
+        } else {
+            previous_success.unwrap_or(0.0)
+        },
+    )?;
     let diffs = GaugeVec::new(
         Opts::new(
             "mongo_replicator_check_differences",
@@ -287,10 +300,18 @@ pub fn write_metrics_file(path: &std::path::Path, report: Option<&Report>) -> st
     TextEncoder::new()
         .encode(&registry.gather(), &mut text)
         .map_err(std::io::Error::other)?;
+    // A temporary name of this process's own (two checks may overlap: the last one to
+    // finish wins, and neither publishes the other's half-written file). node_exporter reads
+    // only `*.prom`, so it never sees the temporary file.
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, &text)?;
-    std::fs::rename(&tmp, path)
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp.push(format!(".{}-{seq}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Checks (and repairs, with `--repair`) every selected pair.
@@ -1267,5 +1288,96 @@ mod tests {
         let a = sorted(&Bson::Document(doc! {"b": 1, "a": {"y": 1, "x": 2}}));
         let b = sorted(&Bson::Document(doc! {"a": {"x": 2, "y": 1}, "b": 1}));
         assert_eq!(a, b);
+    }
+
+    fn pair(follower: &str, extra: u64) -> PairReport {
+        PairReport {
+            collection: "data".into(),
+            follower: follower.into(),
+            extra,
+            ..Default::default()
+        }
+    }
+    fn report(pairs: Vec<PairReport>) -> Report {
+        Report {
+            consistent: pairs.iter().all(|p| p.consistent()),
+            pairs,
+        }
+    }
+    fn series<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(name))
+    }
+
+    /// Review R1: a check that has never succeeded (first runs fail or cannot run) writes no
+    /// last-success series, so MongoReplicatorCheckStale (time() - series > 2d) can never fire.
+    #[test]
+    fn review_never_successful_checks_still_export_a_last_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("check.prom");
+        write_metrics_file(&path, None).unwrap();
+        write_metrics_file(&path, Some(&report(vec![pair("f1", 3)]))).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            series(
+                &text,
+                "mongo_replicator_check_last_success_timestamp_seconds"
+            )
+            .is_some(),
+            "{text}"
+        );
+    }
+
+    /// Review R1b: a previous file that cannot be read as UTF-8 text (or at all) silently drops
+    /// the last success; the write should fail loudly (or keep a marker) instead.
+    #[test]
+    fn review_an_unreadable_previous_file_does_not_lose_the_last_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("check.prom");
+        write_metrics_file(&path, Some(&report(vec![pair("f1", 0)]))).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"# \xff\n"); // one stray non-UTF-8 byte
+        bytes.push(0xff);
+        std::fs::write(&path, &bytes).unwrap();
+        let r = write_metrics_file(&path, None);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            r.is_err()
+                || series(
+                    &text,
+                    "mongo_replicator_check_last_success_timestamp_seconds"
+                )
+                .is_some(),
+            "last success silently lost: {text}"
+        );
+    }
+
+    /// Review R3: two checks writing the same --metrics-file (cron overlap, a manual run during
+    /// the scheduled one) share the temp name `PATH.tmp`: one's rename fails (ENOENT) or
+    /// publishes the other's half-written file.
+    #[test]
+    fn review_concurrent_writers_do_not_fail_or_tear_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("check.prom");
+        let pairs: Vec<_> = (0..200).map(|i| pair(&format!("f{i}"), 1)).collect();
+        let big = report(pairs);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..200)
+                            .filter_map(|_| write_metrics_file(&path, Some(&big)).err())
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let errs: Vec<_> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+            assert!(
+                errs.is_empty(),
+                "{} failed writes, e.g. {:?}",
+                errs.len(),
+                errs.first()
+            );
+        });
     }
 }

@@ -304,7 +304,14 @@ pub fn init_logging(config: &Config) {
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|v| v.parse::<Targets>().ok())
+        .filter(|v| !v.is_empty())
+        .and_then(|v| match v.parse::<Targets>() {
+            Ok(t) if !v.contains('[') => Some(t),
+            _ => {
+                eprintln!("warning: RUST_LOG=`{v}` is not a filter this build reads (a level, or `target=level` directives; no span or field filters); using log.level");
+                None
+            }
+        })
         .unwrap_or_else(|| {
             config
                 .log

@@ -390,3 +390,24 @@ async fn the_metrics_file_keeps_the_last_success_across_failed_checks() {
         Some(0.0)
     );
 }
+
+/// Review: a check of one follower must not record a success (or clear the differences) for
+/// every follower, so `--metrics-file` refuses `--follower`.
+#[test]
+fn the_metrics_file_refuses_a_check_of_one_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[source]\nuri = \"mongodb://127.0.0.1:1/\"\ndatabase = \"app\"\ncollections = [\"data\"]\n\n[[followers]]\nname = \"f1\"\nuri = \"mongodb://127.0.0.1:2/\"\n",
+    )
+    .unwrap();
+    let file = dir.path().join("check.prom");
+    let run = check(
+        &path,
+        &["--follower", "f1", "--metrics-file", file.to_str().unwrap()],
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("--follower"), "{}", run.stderr);
+    assert!(!file.exists());
+}

@@ -347,6 +347,16 @@ impl Server {
         }
     }
 
+    /// Keeps the server's directory (data and log) after the test, for a post-mortem.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// The server's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
@@ -683,6 +693,12 @@ impl Replicator {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
+    /// Keeps the node's directory (config, log, token file) after the test.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_path_buf()
+    }
+
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("tokens.json")
     }
@@ -913,78 +929,189 @@ impl Drop for Writer {
 }
 
 /// A TCP proxy in front of a server, which a test can cut (close every connection and refuse
-/// new ones) and restore: a network partition for one client only.
+/// new ones) and restore: a network partition for one client only. It can also delay every
+/// chunk of data, hang (stop moving data while connections stay open, as a network that
+/// drops every packet), or go half-open (the server side is closed while the client's
+/// connections stay open and silent).
 pub struct Proxy {
     pub port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    state: std::sync::Arc<ProxyState>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// 0 normal, 1 cut, 2 hang, 3 half-open.
+    mode: std::sync::atomic::AtomicU8,
+    delay_ms: std::sync::atomic::AtomicU64,
+    /// Bumped by cut and half-open: connections of an older generation end.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+const PROXY_NORMAL: u8 = 0;
+const PROXY_CUT: u8 = 1;
+const PROXY_HANG: u8 = 2;
+const PROXY_HALF_OPEN: u8 = 3;
+
+impl ProxyState {
+    fn mode(&self) -> u8 {
+        self.mode.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Moves data from `from` to `to` while the proxy allows; returns both halves when either
+/// side of the connection closes (`done`, shared by both directions) or the connection's
+/// generation ends.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: std::sync::Arc<ProxyState>,
+    generation: u64,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    let over = |state: &ProxyState| done.load(Ordering::SeqCst) || state.generation() != generation;
+    loop {
+        if over(&state) {
+            return (from, to);
+        }
+        if state.mode() == PROXY_HANG {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => {
+                    done.store(true, Ordering::SeqCst);
+                    return (from, to);
+                }
+                Ok(n) => n,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
+        };
+        let delay = state.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        // Hung while this chunk was in flight: hold it until the network heals.
+        while state.mode() == PROXY_HANG && !over(&state) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if over(&state) || to.write_all(&buf[..n]).await.is_err() {
+            done.store(true, Ordering::SeqCst);
+            return (from, to);
+        }
+    }
 }
 
 impl Proxy {
     pub async fn start(target_port: u16) -> Proxy {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let generation = Arc::new(AtomicU64::new(0));
-        let (c, g) = (cut.clone(), generation.clone());
+        let state = Arc::new(ProxyState::default());
+        let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if c.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
+                match st.mode() {
+                    PROXY_CUT => {
+                        drop(inbound);
+                        continue;
+                    }
+                    PROXY_HALF_OPEN => {
+                        // Accepted, and never answered, until the proxy heals.
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            while st.mode() == PROXY_HALF_OPEN {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            drop(inbound);
+                        });
+                        continue;
+                    }
+                    _ => {}
                 }
-                let (c, g) = (c.clone(), g.clone());
-                let my_gen = g.load(Ordering::SeqCst);
+                let st = st.clone();
+                let generation = st.generation();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) =
+                    let Ok(outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                     else {
                         return;
                     };
-                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                    tokio::pin!(copy);
-                    loop {
-                        tokio::select! {
-                            _ = &mut copy => return,
-                            _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                                if c.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != my_gen {
-                                    return;
-                                }
-                            }
-                        }
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let ((ri, wo), (ro, wi)) = tokio::join!(
+                        pump(ri, wo, st.clone(), generation, done.clone()),
+                        pump(ro, wi, st.clone(), generation, done),
+                    );
+                    // Half-open: the server's side closes, the client's stays open and
+                    // silent until the proxy heals.
+                    drop((ro, wo));
+                    while st.mode() == PROXY_HALF_OPEN {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
+                    drop((ri, wi));
                 });
             }
         });
-        Proxy {
-            port,
-            cut,
-            generation,
-            task,
-        }
+        Proxy { port, state, task }
     }
 
     pub fn uri(&self) -> String {
         format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
     }
 
-    /// Drops every connection and refuses new ones.
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn set(&self, mode: u8, new_generation: bool) {
+        use std::sync::atomic::Ordering;
+        self.state.mode.store(mode, Ordering::SeqCst);
+        if new_generation {
+            self.state.generation.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.set(PROXY_CUT, true);
+    }
+
+    /// Moves no data, while every connection stays open.
+    pub fn hang(&self) {
+        self.set(PROXY_HANG, false);
+    }
+
+    /// Closes the server side of every connection, and leaves the client side open and
+    /// silent; new connections are accepted and never answered.
+    pub fn half_open(&self) {
+        self.set(PROXY_HALF_OPEN, true);
+    }
+
+    /// Delays every chunk of data by `delay` (zero: none).
+    pub fn delay(&self, delay: Duration) {
+        self.state.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Back to normal (no delay), for new and hung connections.
     pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.delay(Duration::ZERO);
+        self.set(PROXY_NORMAL, false);
     }
 }
 
