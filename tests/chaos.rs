@@ -361,6 +361,24 @@ async fn run_round(seed: u64, duration: Duration) -> Round {
             }
             tokio::time::sleep((at - now).min(Duration::from_millis(100))).await;
         }
+        // A node that exited on its own (it stops when it cannot reach the source at
+        // startup, say) is started again, as its supervisor (systemd, Docker) would.
+        for (i, n) in nodes.iter_mut().enumerate() {
+            if let Some(status) = n.reap() {
+                let last = n
+                    .log()
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("error"))
+                    .map(str::to_string);
+                t.log(format!(
+                    "node n{} exited ({status}); restarting it as a supervisor would. {}",
+                    i + 1,
+                    last.unwrap_or_default()
+                ));
+                undo.push((Instant::now() + Duration::from_secs(1), Undo::StartNode(i)));
+            }
+        }
         let fault = step.fault;
         let hold = step.hold;
         let busy_server = |s: usize, undo: &[(Instant, Undo)]| {
@@ -503,6 +521,9 @@ async fn run_round(seed: u64, duration: Duration) -> Round {
     }
     for (i, n) in nodes.iter_mut().enumerate() {
         n.signal(libc::SIGCONT);
+        if let Some(status) = n.reap() {
+            t.log(format!("node n{} had exited ({status})", i + 1));
+        }
         if !n.is_running() {
             n.spawn();
             t.log(format!("restart node n{}", i + 1));
@@ -527,7 +548,20 @@ async fn run_round(seed: u64, duration: Duration) -> Round {
     let check_path = check_dir.path().join("config.toml");
     std::fs::write(&check_path, check_cfg.render(check_dir.path(), free_port())).unwrap();
     let waited = Instant::now();
-    let converged = poll_until(CONVERGE, || async { run_check(&check_path, &[]).0 == 0 }).await;
+    let mut converged = false;
+    while waited.elapsed() < CONVERGE {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            if let Some(status) = n.reap() {
+                t.log(format!("node n{} exited ({status}); restarting it", i + 1));
+                n.spawn();
+            }
+        }
+        if run_check(&check_path, &[]).0 == 0 {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let converged_after = converged.then(|| waited.elapsed());
     let (code, check) = run_check(&check_path, &[]);
     t.log(format!(
@@ -575,6 +609,7 @@ async fn apply_undo(
 ) {
     match u {
         Undo::StartNode(i) => {
+            nodes[i].reap();
             if !nodes[i].is_running() {
                 nodes[i].spawn();
                 t.log(format!("restart node n{}", i + 1));

@@ -679,6 +679,14 @@ impl Replicator {
         }
     }
 
+    /// When the process has exited on its own: its exit status (and it can be spawned
+    /// again).
+    pub fn reap(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
