@@ -322,7 +322,9 @@ pub fn init_logging(config: &Config) {
     // Colours only for a person at a terminal: not in files, pipes or journals.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
+    // The fmt subscriber's own default stops at INFO: let everything through to the filter.
     let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
