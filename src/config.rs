@@ -302,8 +302,8 @@ impl Config {
         for uri in config.uris() {
             crate::uri::register(uri);
         }
-        config.validate()?;
-        config.warnings.extend(config.tls_warnings());
+        let tls_warnings = config.validate()?;
+        config.warnings.extend(tls_warnings);
         Ok(config)
     }
 
@@ -344,35 +344,13 @@ impl Config {
         Ok(())
     }
 
-    /// A warning for each URI that turns off certificate or host name checks.
-    fn tls_warnings(&self) -> Vec<String> {
-        let names = std::iter::once("the source".to_string()).chain(
-            self.followers
-                .iter()
-                .map(|f| format!("follower `{}`", f.name)),
-        );
-        names
-            .zip(self.uris())
-            .filter_map(|(name, uri)| {
-                let cs = mongodb::options::ConnectionString::parse(uri.expose()).ok()?;
-                let Some(mongodb::options::Tls::Enabled(tls)) = cs.tls else {
-                    return None;
-                };
-                // (tlsInsecure sets this too; this driver has no separate host name switch.)
-                (tls.allow_invalid_certificates == Some(true)).then(|| {
-                    format!(
-                        "TLS to {name} does not verify the server's certificate (tlsInsecure or tlsAllowInvalidCertificates): anyone on the path can impersonate it and read the credentials; use tlsCAFile instead"
-                    )
-                })
-            })
-            .collect()
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every key; returns the warnings the URIs call for (see [`tls_warning`]).
+    fn validate(&self) -> Result<Vec<String>, ConfigError> {
         if let Some(id) = &self.node_id {
             validate_node_id(id).map_err(|m| ConfigError::key("node_id", m))?;
         }
-        parse_uri("source.uri", &self.source.uri)?;
+        let source = parse_uri("source.uri", &self.source.uri)?;
+        let mut warnings: Vec<String> = tls_warning("the source", &source).into_iter().collect();
         validate_db_name("source.database", &self.source.database)?;
         if self.source.collections.is_empty() {
             return Err(ConfigError::key(
@@ -401,7 +379,7 @@ impl Config {
                 "no follower configured; add at least one [[followers]] table with name and uri",
             ));
         }
-        let source_hosts = host_set(&self.source.uri);
+        let source_hosts = host_set(&source);
         let mut names = HashSet::new();
         for (i, f) in self.followers.iter().enumerate() {
             let key = format!("followers[{i}]");
@@ -425,8 +403,9 @@ impl Config {
                     format!("duplicate follower name `{}`", f.name),
                 ));
             }
-            parse_uri(&format!("{key}.uri"), &f.uri)?;
-            if !source_hosts.is_empty() && host_set(&f.uri) == source_hosts {
+            let cs = parse_uri(&format!("{key}.uri"), &f.uri)?;
+            warnings.extend(tls_warning(&format!("follower `{}`", f.name), &cs));
+            if !source_hosts.is_empty() && host_set(&cs) == source_hosts {
                 return Err(ConfigError::key(
                     &format!("{key}.uri"),
                     format!(
@@ -526,28 +505,9 @@ impl Config {
                 ),
             )
         })?;
-        if self.log.level.contains('[') {
-            return Err(ConfigError::key(
-                "log.level",
-                format!(
-                    "`{}` uses a span or field filter (`[...]`), which this build does not read; use a level or `target=level` directives such as `info,mongo_replicator=debug`",
-                    self.log.level
-                ),
-            ));
-        }
-        self.log
-            .level
-            .parse::<tracing_subscriber::filter::Targets>()
-            .map_err(|e| {
-                ConfigError::key(
-                    "log.level",
-                    format!(
-                        "`{}` is not a level or filter (use error, warn, info, debug or trace, or directives such as `info,mongo_replicator=debug`): {e}",
-                        self.log.level
-                    ),
-                )
-            })?;
-        Ok(())
+        log_filter(&self.log.level)
+            .map_err(|m| ConfigError::key("log.level", format!("`{}` {m}", self.log.level)))?;
+        Ok(warnings)
     }
 
     /// The node id in force: the explicit override, else the config's, else the host name.
@@ -607,6 +567,17 @@ fn resolve_uri(key: &str, uri: &mut Uri, file: &Option<PathBuf>) -> Result<bool,
     Ok(false)
 }
 
+/// A log filter (`log.level`, `RUST_LOG`): a level, or `target=level` directives. The
+/// error says what is wrong, to follow the quoted value.
+pub fn log_filter(spec: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    if spec.contains('[') {
+        return Err("uses a span or field filter (`[...]`), which this build does not read; use a level or `target=level` directives such as `info,mongo_replicator=debug`".into());
+    }
+    spec.parse().map_err(|e| {
+        format!("is not a level or filter (use error, warn, info, debug or trace, or directives such as `info,mongo_replicator=debug`): {e}")
+    })
+}
+
 fn validate_node_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()) {
         return Err(format!(
@@ -650,11 +621,21 @@ fn parse_uri(key: &str, uri: &Uri) -> Result<mongodb::options::ConnectionString,
     })
 }
 
-/// The set of host:port pairs of a URI, normalised so that `localhost` and `127.0.0.1` match.
-fn host_set(uri: &Uri) -> Vec<String> {
-    let Ok(cs) = mongodb::options::ConnectionString::parse(uri.expose()) else {
-        return Vec::new();
+/// A warning when the URI of `name` turns off certificate checks.
+fn tls_warning(name: &str, cs: &mongodb::options::ConnectionString) -> Option<String> {
+    let Some(mongodb::options::Tls::Enabled(tls)) = &cs.tls else {
+        return None;
     };
+    // (tlsInsecure sets this too; this driver has no separate host name switch.)
+    (tls.allow_invalid_certificates == Some(true)).then(|| {
+        format!(
+            "TLS to {name} does not verify the server's certificate (tlsInsecure or tlsAllowInvalidCertificates): anyone on the path can impersonate it and read the credentials; use tlsCAFile instead"
+        )
+    })
+}
+
+/// The set of host:port pairs of a URI, normalised so that `localhost` and `127.0.0.1` match.
+fn host_set(cs: &mongodb::options::ConnectionString) -> Vec<String> {
     let mut hosts: Vec<String> = match &cs.host_info {
         mongodb::options::HostInfo::HostIdentifiers(hosts) => hosts
             .iter()

@@ -88,8 +88,7 @@ impl From<mongodb::error::Error> for LeaseError {
     fn from(e: mongodb::error::Error) -> Self {
         LeaseError {
             message: crate::source::describe(&e),
-            refused: crate::source::is_auth_failure(&e)
-                || crate::source::error_code(&e) == Some(13),
+            refused: crate::source::is_refusal(&e),
         }
     }
 }

@@ -305,18 +305,16 @@ pub fn init_logging(config: &Config) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.is_empty())
-        .and_then(|v| match v.parse::<Targets>() {
-            Ok(t) if !v.contains('[') => Some(t),
-            _ => {
-                eprintln!("warning: RUST_LOG=`{v}` is not a filter this build reads (a level, or `target=level` directives; no span or field filters); using log.level");
+        .and_then(|v| match crate::config::log_filter(&v) {
+            Ok(t) => Some(t),
+            Err(m) => {
+                eprintln!("warning: RUST_LOG=`{v}` {m}; using log.level");
                 None
             }
         })
+        // log.level was checked when the config was loaded.
         .unwrap_or_else(|| {
-            config
-                .log
-                .level
-                .parse::<Targets>()
+            crate::config::log_filter(&config.log.level)
                 .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
         });
     // Colours only for a person at a terminal: not in files, pipes or journals.

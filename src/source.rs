@@ -110,6 +110,12 @@ pub fn is_history_lost(e: &mongodb::error::Error) -> bool {
         || msg.contains("resume point may no longer be in the oplog")
 }
 
+/// Whether the server refuses the replicator's user: its credentials (see
+/// [`is_auth_failure`]), or a privilege it needs (code 13). Retrying will not mend it.
+pub fn is_refusal(e: &mongodb::error::Error) -> bool {
+    is_auth_failure(e) || error_code(e) == Some(13)
+}
+
 /// Whether the server refused the credentials (not: the user lacks a privilege).
 pub fn is_auth_failure(e: &mongodb::error::Error) -> bool {
     matches!(
@@ -147,7 +153,7 @@ pub fn refused(e: &mongodb::error::Error, what: &str, uri: &Uri) -> Option<anyho
             "authentication to {what} ({uri}) failed: {}; check the user, password and authSource in its URI",
             describe(e)
         ))
-    } else if error_code(e) == Some(13) {
+    } else if is_refusal(e) {
         Some(anyhow::anyhow!(
             "{what} ({uri}) refuses the replicator's user: {}; give the URI a user with the roles in docs/operations.md (\"Least-privilege roles\")",
             describe(e)
@@ -168,11 +174,37 @@ pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
-/// A driver error as one short line: the server's code, name and message for command and
-/// write errors, without the raw server response; secrets redacted.
+/// A driver error as one short line: for each error in its chain (the error, then what
+/// caused it), the server's code, name and message for command and write errors, the
+/// driver's message otherwise; without labels or the raw server response; secrets
+/// redacted. Callers match codes in it (`(code 388)`), so a reason is never dropped for
+/// being in a wrapped error.
 pub fn describe(e: &mongodb::error::Error) -> String {
+    let mut parts = vec![reason(e)];
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        // The driver keeps its cause boxed.
+        let driver = cause.downcast_ref::<mongodb::error::Error>().or_else(|| {
+            cause
+                .downcast_ref::<Box<mongodb::error::Error>>()
+                .map(|b| &**b)
+        });
+        let r = match driver {
+            Some(m) => reason(m),
+            None => cause.to_string(),
+        };
+        if !parts.iter().any(|p| p.contains(&r)) {
+            parts.push(r);
+        }
+        next = cause.source();
+    }
+    bounded_message(&redact(&parts.join(": ")))
+}
+
+/// One error's own reason, without what the driver appends (labels, source, response).
+fn reason(e: &mongodb::error::Error) -> String {
     use mongodb::error::{ErrorKind, WriteFailure};
-    let text = match e.kind.as_ref() {
+    match e.kind.as_ref() {
         ErrorKind::Command(c) => format!("{} (code {}): {}", c.code_name, c.code, c.message),
         ErrorKind::Write(WriteFailure::WriteError(w)) => {
             format!("write error (code {}): {}", w.code, w.message)
@@ -181,16 +213,6 @@ pub fn describe(e: &mongodb::error::Error) -> String {
             format!("write concern error (code {}): {}", w.code, w.message)
         }
         ErrorKind::Authentication { message, .. } => message.clone(),
-        _ => e.to_string(),
-    };
-    // The driver's display appends its internals (labels, the source error, the raw
-    // server response): the reason is what comes before them.
-    let text = [", labels:", ", server response:"]
-        .iter()
-        .filter_map(|cut| text.find(cut))
-        .min()
-        .map(|i| text[..i].to_string())
-        .unwrap_or(text);
-    let text = text.strip_prefix("Kind: ").unwrap_or(&text).to_string();
-    bounded_message(&redact(&text))
+        other => other.to_string(),
+    }
 }

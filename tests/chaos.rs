@@ -224,21 +224,6 @@ fn source_code(e: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
-async fn unique_key(coll: &Collection<Document>) {
-    coll.create_index(
-        mongodb::IndexModel::builder()
-            .keys(doc! {"dataId": 1})
-            .options(
-                mongodb::options::IndexOptions::builder()
-                    .unique(true)
-                    .build(),
-            )
-            .build(),
-    )
-    .await
-    .expect("unique index on the source");
-}
-
 /// The node that reports itself leader, if one does.
 async fn leader(nodes: &[Replicator]) -> Option<usize> {
     for (i, n) in nodes.iter().enumerate() {
@@ -371,7 +356,7 @@ async fn run_round(seed: u64, duration: Duration) -> Round {
         .await,
     ];
     for c in COLLECTIONS {
-        unique_key(&servers[0].coll(c).await).await;
+        unique_index_on(&servers[0].coll(c).await, "dataId").await;
     }
     // proxies[node][server]
     let mut proxies = Vec::new();

@@ -239,18 +239,7 @@ async fn initial_sync_with_writes_during_the_copy_converges() {
     );
     let s = src.coll("data").await;
     // Applications keep their key unique on the source.
-    s.create_index(
-        mongodb::IndexModel::builder()
-            .keys(doc! {"dataId": 1})
-            .options(
-                mongodb::options::IndexOptions::builder()
-                    .unique(true)
-                    .build(),
-            )
-            .build(),
-    )
-    .await
-    .unwrap();
+    unique_index_on(&s, "dataId").await;
     let docs: Vec<_> = (0..20_000)
         .map(|i| doc! {"dataId": format!("pre{i}"), "payload": "x".repeat(100), "i": i})
         .collect();

@@ -175,13 +175,10 @@ async fn a_document_a_follower_refuses_is_quarantined_and_the_pair_goes_on() {
     .await;
     // Recorded on the follower, with what an operator needs.
     let rec = f1
-        .client()
+        .quarantine_records()
         .await
-        .database("mongo_replicator")
-        .collection::<mongodb::bson::Document>("quarantine")
-        .find_one(doc! {})
-        .await
-        .unwrap()
+        .into_iter()
+        .next()
         .expect("a quarantine record");
     assert_eq!(rec.get_str("collection").unwrap(), "data");
     assert_eq!(rec.get_str("key").unwrap(), "b");
@@ -790,19 +787,7 @@ async fn a_fixed_document_applied_in_an_early_part_leaves_the_quarantine() {
         .unwrap();
     wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let recs: Vec<mongodb::bson::Document> = {
-        use futures::TryStreamExt;
-        f1.client()
-            .await
-            .database("mongo_replicator")
-            .collection::<mongodb::bson::Document>("quarantine")
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap()
-    };
+    let recs = f1.quarantine_records().await;
     let keys: Vec<String> = recs
         .iter()
         .map(|d| d.get("key").map(|k| k.to_string()).unwrap_or_default())
@@ -889,19 +874,7 @@ async fn refused_documents_with_a_large_duplicate_value_are_quarantined_compactl
         r.quarantined("f1").await == 12
     })
     .await;
-    let records: Vec<mongodb::bson::Document> = {
-        use futures::TryStreamExt;
-        f1.client()
-            .await
-            .database("mongo_replicator")
-            .collection::<mongodb::bson::Document>("quarantine")
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap()
-    };
+    let records = f1.quarantine_records().await;
     let on_follower = f
         .count_documents(doc! {"dataId": {"$regex": "^dup"}})
         .await

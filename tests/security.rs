@@ -42,22 +42,16 @@ async fn follower_user(server: &Server) {
     .await;
 }
 
-fn cli(args: &[&str], config: &std::path::Path) -> (i32, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run the binary");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+/// `mongo-replicator COMMAND --config CONFIG`.
+fn cli(command: &str, config: &std::path::Path) -> (i32, String) {
+    run_cli(command, config, &[], &[])
 }
+
+/// The node's environment: the source password, and debug logging.
+const NODE_ENV: &[(&str, &str)] = &[
+    ("MR_TEST_SOURCE_PW", SOURCE_PW_ENCODED),
+    ("RUST_LOG", "debug"),
+];
 
 /// The whole path with auth and TLS: a source over TLS, one follower over mutual TLS, one
 /// over plain TCP; every user holds only built-in roles; the source password comes from
@@ -99,14 +93,7 @@ async fn least_privileged_users_over_tls_replicate_and_no_secret_leaks() {
     cfg.followers[1].1 = f2.uri_as("repl", FOLLOWER_PW);
     cfg.http_extra = format!("admin_token_file = \"{}\"\n", token_file.display());
     cfg.uri_files.push(("f1".into(), f1_uri_file.clone()));
-    let node = Replicator::start_with_env(
-        &cfg,
-        "n1",
-        &[
-            ("MR_TEST_SOURCE_PW", SOURCE_PW_ENCODED),
-            ("RUST_LOG", "debug"),
-        ],
-    );
+    let node = Replicator::start_with_env(&cfg, "n1", NODE_ENV);
 
     let coll = src.coll("data").await;
     for i in 0..50 {
@@ -135,7 +122,7 @@ async fn least_privileged_users_over_tls_replicate_and_no_secret_leaks() {
 
     // Everything a user or an operator can see.
     let mut seen = Vec::new();
-    let (code, out) = run_check_env(&node.config_path, &[], SOURCE_PW_ENCODED);
+    let (code, out) = run_check_env(&node.config_path, &[], NODE_ENV);
     assert_eq!(code, 0, "check: {out}");
     seen.push(("check", out));
     // A difference, repaired by check --repair (writes with the follower's own user).
@@ -144,20 +131,12 @@ async fn least_privileged_users_over_tls_replicate_and_no_secret_leaks() {
         .insert_one(doc! {"dataId": 999, "stray": true})
         .await
         .unwrap();
-    let (code, out) = run_check_env(&node.config_path, &["--repair"], SOURCE_PW_ENCODED);
+    let (code, out) = run_check_env(&node.config_path, &["--repair"], NODE_ENV);
     assert_eq!(code, 0, "check --repair: {out}");
     seen.push(("check --repair", out));
-    let status_out = Command::new(bin())
-        .args(["status", "--config"])
-        .arg(&node.config_path)
-        .env("MR_TEST_SOURCE_PW", SOURCE_PW_ENCODED)
-        .output()
-        .unwrap();
-    assert!(status_out.status.success());
-    seen.push((
-        "status",
-        String::from_utf8_lossy(&status_out.stdout).into_owned(),
-    ));
+    let (code, out) = run_cli("status", &node.config_path, &[], NODE_ENV);
+    assert_eq!(code, 0, "status: {out}");
+    seen.push(("status", out));
     let http = reqwest::Client::new();
     for path in ["/status", "/metrics", "/sync-check"] {
         let body = http
@@ -188,25 +167,14 @@ async fn least_privileged_users_over_tls_replicate_and_no_secret_leaks() {
         .unwrap();
     assert_eq!(resp.status(), 202);
     // The CLI sends the token from the config.
-    let resync = Command::new(bin())
-        .args(["resync", "--config"])
-        .arg(&node.config_path)
-        .args(["--follower", "f1"])
-        .env("MR_TEST_SOURCE_PW", SOURCE_PW_ENCODED)
-        .output()
-        .unwrap();
-    let resync_out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&resync.stdout),
-        String::from_utf8_lossy(&resync.stderr)
-    );
-    assert!(resync.status.success(), "resync: {resync_out}");
-    seen.push(("resync", resync_out));
+    let (code, out) = run_cli("resync", &node.config_path, &["--follower", "f1"], NODE_ENV);
+    assert_eq!(code, 0, "resync: {out}");
+    seen.push(("resync", out));
     // The copies converge again after both re-copies.
     wait_for(
         "converged after resync",
         Duration::from_secs(60),
-        || async { run_check_env(&node.config_path, &[], SOURCE_PW_ENCODED).0 == 0 },
+        || async { run_check_env(&node.config_path, &[], NODE_ENV).0 == 0 },
     )
     .await;
     // Errors: a follower goes down; its error reaches the status and the log.
@@ -220,7 +188,7 @@ async fn least_privileged_users_over_tls_replicate_and_no_secret_leaks() {
     .await;
     let status = node.status().await.unwrap();
     seen.push(("/status while down", status.to_string()));
-    let (code, out) = run_check_env(&node.config_path, &[], SOURCE_PW_ENCODED);
+    let (code, out) = run_check_env(&node.config_path, &[], NODE_ENV);
     assert_eq!(code, 3, "check with a follower down: {out}");
     seen.push(("check with a follower down", out));
     seen.push(("log", node.log()));
@@ -251,26 +219,6 @@ async fn least_privileged_users_over_tls_replicate_and_no_secret_leaks() {
             .collect();
         assert!(leaked.is_empty(), "{s} found in {leaked:?}");
     }
-}
-
-fn run_check_env(config: &std::path::Path, extra: &[&str], pw: &str) -> (i32, String) {
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(config)
-        .args(["--recheck-delay", "300ms", "--recheck-rounds", "3"])
-        .args(extra)
-        .env("MR_TEST_SOURCE_PW", pw)
-        .env("RUST_LOG", "debug")
-        .output()
-        .expect("run check");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// A wrong password is one clear line that names the deployment and never the password:
@@ -313,7 +261,7 @@ async fn a_wrong_password_is_one_clear_line_naming_the_deployment() {
         std::fs::write(&path, cfg.render(dir.path(), free_port())).unwrap();
 
         let started = Instant::now();
-        let (code, out) = cli(&["run"], &path);
+        let (code, out) = cli("run", &path);
         assert_eq!(code, 1, "{who}: run: {out}");
         assert!(
             started.elapsed() < Duration::from_secs(30),
@@ -324,6 +272,11 @@ async fn a_wrong_password_is_one_clear_line_naming_the_deployment() {
         assert_eq!(error_lines.len(), 1, "{who}: {out}");
         assert!(
             error_lines[0].contains(&format!("authentication to {needle}")),
+            "{who}: {out}"
+        );
+        // The server's own reason, from the driver's error chain.
+        assert!(
+            error_lines[0].contains("AuthenticationFailed (code 18)"),
             "{who}: {out}"
         );
         assert!(!out.contains(wrong), "{who}: the password shows: {out}");
@@ -362,7 +315,7 @@ async fn an_untrusted_certificate_is_refused_clearly_and_insecure_options_warn()
     let (code, out) = run_check(&path, &[]);
     assert_eq!(code, 3, "{out}");
     assert!(out.to_lowercase().contains("certificate"), "{out}");
-    let (code, out) = cli(&["run"], &path);
+    let (code, out) = cli("run", &path);
     assert_eq!(code, 1, "{out}");
     assert!(out.to_lowercase().contains("certificate"), "{out}");
 
@@ -385,7 +338,7 @@ async fn an_unset_environment_variable_is_named() {
     let path = dir.path().join("config.toml");
     std::fs::write(&path, cfg.render(dir.path(), free_port())).unwrap();
     for cmd in ["run", "check", "status"] {
-        let (code, out) = cli(&[cmd], &path);
+        let (code, out) = cli(cmd, &path);
         assert_eq!(code, 2, "{cmd}: {out}");
         assert!(out.contains("MR_TEST_NOT_SET_ANYWHERE"), "{cmd}: {out}");
         assert!(out.contains("followers[0].uri"), "{cmd}: {out}");
@@ -581,6 +534,34 @@ async fn a_uri_without_credentials_for_an_auth_server_fails_clearly_at_startup()
             "{who}: {out}"
         );
     }
+}
+
+/// A source user that may read the replicated database but not write the lease passes the
+/// startup check, then is refused the lease: `run` stops with the reason (it would otherwise
+/// stay standby for ever, and nothing would replicate).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_user_refused_the_lease_stops_the_node_with_the_reason() {
+    let src = Server::start_with(ServerOpts {
+        auth: true,
+        ..Default::default()
+    })
+    .await;
+    let f1 = Server::start().await;
+    create_user(&src.client().await, "reader", SOURCE_PW, &[("read", "app")]).await;
+    let mut cfg = ConfigBuilder::new(&src, &[&f1]);
+    cfg.source = src.uri_as("reader", SOURCE_PW_ENCODED);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cfg.render(dir.path(), free_port())).unwrap();
+    let (code, out) = run_for(&path, Duration::from_secs(30));
+    assert_eq!(code, Some(1), "still running, or another exit:\n{out}");
+    let error = out.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+    assert!(
+        error.contains("refuses the replicator's user the lease")
+            && error.contains("mongo_replicator.leases")
+            && !error.contains(SOURCE_PW),
+        "{out}"
+    );
 }
 
 /// Review: clients that pipeline requests and never read their answers filled the server's

@@ -313,20 +313,22 @@ impl Server {
 
     /// Creates a unique index on `field` of `app.data` (a constraint the source may lack).
     pub async fn unique_index(&self, field: &str) {
-        self.coll("data")
+        unique_index_on(&self.coll("data").await, field).await;
+    }
+
+    /// The quarantine records the replicator keeps on this follower.
+    pub async fn quarantine_records(&self) -> Vec<Document> {
+        use futures::TryStreamExt;
+        self.client()
             .await
-            .create_index(
-                mongodb::IndexModel::builder()
-                    .keys(doc! {field: 1})
-                    .options(
-                        mongodb::options::IndexOptions::builder()
-                            .unique(true)
-                            .build(),
-                    )
-                    .build(),
-            )
+            .database("mongo_replicator")
+            .collection::<Document>("quarantine")
+            .find(doc! {})
             .await
-            .expect("unique index");
+            .expect("read the quarantine")
+            .try_collect()
+            .await
+            .expect("read the quarantine")
     }
 
     /// SIGSTOP: the server hangs, neither answering nor closing connections.
@@ -392,6 +394,22 @@ impl Server {
         // The port may linger briefly; retry the spawn a few times.
         self.spawn(port).await;
     }
+}
+
+/// Creates a unique index on `field` of `coll`.
+pub async fn unique_index_on(coll: &Collection<Document>, field: &str) {
+    coll.create_index(
+        mongodb::IndexModel::builder()
+            .keys(doc! {field: 1})
+            .options(
+                mongodb::options::IndexOptions::builder()
+                    .unique(true)
+                    .build(),
+            )
+            .build(),
+    )
+    .await
+    .expect("unique index");
 }
 
 impl Drop for Server {
@@ -1197,13 +1215,26 @@ pub async fn history_lost_case(replication: &str) -> Option<(Server, Server, Rep
 /// `mongo-replicator check --config CONFIG EXTRA..` with short rechecks: its exit code and
 /// its output (stdout then stderr).
 pub fn run_check(config: &Path, extra: &[&str]) -> (i32, String) {
+    run_check_env(config, extra, &[])
+}
+
+/// [`run_check`] with extra environment variables.
+pub fn run_check_env(config: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut args = vec!["--recheck-delay", "300ms", "--recheck-rounds", "3"];
+    args.extend_from_slice(extra);
+    run_cli("check", config, &args, env)
+}
+
+/// `mongo-replicator COMMAND --config CONFIG ARGS...` with `env`: its exit code, and its
+/// standard output then its standard error.
+pub fn run_cli(command: &str, config: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(bin())
-        .args(["check", "--config"])
+        .args([command, "--config"])
         .arg(config)
-        .args(["--recheck-delay", "300ms", "--recheck-rounds", "3"])
-        .args(extra)
+        .args(args)
+        .envs(env.iter().copied())
         .output()
-        .expect("run check");
+        .expect("run the binary");
     (
         out.status.code().unwrap_or(-1),
         format!(
