@@ -117,11 +117,23 @@ pub fn is_refusal(e: &mongodb::error::Error) -> bool {
 }
 
 /// Whether the server refused the credentials (not: the user lacks a privilege).
+/// The server's answer decides, not the driver's kind: the driver reports any error during
+/// the login exchange as an authentication error (a server shutting down, say), and that is
+/// an outage to ride out, not a refusal.
 pub fn is_auth_failure(e: &mongodb::error::Error) -> bool {
-    matches!(
-        e.kind.as_ref(),
-        mongodb::error::ErrorKind::Authentication { .. }
-    ) || error_code(e) == Some(18)
+    // 18 AuthenticationFailed; 334 MechanismUnavailable (no credentials for the mechanism).
+    std::iter::successors(Some(e), |&c| driver_cause(c))
+        .any(|c| matches!(error_code(c), Some(18) | Some(334)))
+}
+
+/// The driver error that caused `e`, if one did (the driver keeps it boxed).
+fn driver_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a mongodb::error::Error> {
+    let cause = e.source()?;
+    cause.downcast_ref::<mongodb::error::Error>().or_else(|| {
+        cause
+            .downcast_ref::<Box<mongodb::error::Error>>()
+            .map(|b| &**b)
+    })
 }
 
 /// Fails when `client`'s deployment answers and refuses the replicator's user: wrong
@@ -181,22 +193,16 @@ pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
 /// being in a wrapped error.
 pub fn describe(e: &mongodb::error::Error) -> String {
     let mut parts = vec![reason(e)];
-    let mut next = std::error::Error::source(e);
-    while let Some(cause) = next {
-        // The driver keeps its cause boxed.
-        let driver = cause.downcast_ref::<mongodb::error::Error>().or_else(|| {
-            cause
-                .downcast_ref::<Box<mongodb::error::Error>>()
-                .map(|b| &**b)
-        });
-        let r = match driver {
+    let mut here: &(dyn std::error::Error + 'static) = e;
+    while let Some(cause) = here.source() {
+        let r = match driver_cause(here) {
             Some(m) => reason(m),
             None => cause.to_string(),
         };
         if !parts.iter().any(|p| p.contains(&r)) {
             parts.push(r);
         }
-        next = cause.source();
+        here = cause;
     }
     bounded_message(&redact(&parts.join(": ")))
 }
