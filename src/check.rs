@@ -326,25 +326,24 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
         .await
         .map_err(|e| CheckError::CannotRun(e.to_string()))?;
     reachable(&source, "source").await?;
+    let namespaces = config.selection().resolve(&source).await.map_err(|e| {
+        CheckError::CannotRun(format!(
+            "listing the source's collections: {}",
+            crate::source::describe(&e)
+        ))
+    })?;
     let mut pairs = Vec::new();
     for fcfg in followers {
-        let f = Follower::new(
-            fcfg,
-            &config.source.database,
-            &config.replication,
-            config.node_id(),
-        )
-        .await
-        .map_err(|e| CheckError::CannotRun(e.to_string()))?;
+        let f = Follower::new(fcfg, &config.replication, config.node_id())
+            .await
+            .map_err(|e| CheckError::CannotRun(e.to_string()))?;
         reachable(f.client(), &format!("follower {}", f.name)).await?;
-        for coll in &config.source.collections {
+        for ns in &namespaces {
+            let coll = &config.selection().label(ns);
             let checker = Checker {
-                src: source.database(&config.source.database).collection(coll),
-                fol: f
-                    .client()
-                    .database(&config.source.database)
-                    .collection(coll),
-                key: config.replication.key_field.clone(),
+                src: source.database(&ns.db).collection(&ns.coll),
+                fol: f.target(ns),
+                key: f.key_field(ns).to_string(),
                 missing_key: config.replication.missing_key,
                 state_db: config.replication.state_database.clone(),
                 args: args.clone(),
@@ -1230,12 +1229,17 @@ pub async fn count_check(
 ) -> CountReport {
     let mut rows = Vec::new();
     let mut in_sync = true;
-    for c in &config.source.collections {
-        let src = estimated_count(source, &config.source.database, c).await;
+    let namespaces = match config.selection().resolve(source).await {
+        Ok(n) => n,
+        Err(_) => config.selection().literal(),
+    };
+    for ns in &namespaces {
+        let c = &config.selection().label(ns);
+        let src = estimated_count(source, &ns.db, &ns.coll).await;
         let counts = futures::future::join_all(
             followers
                 .iter()
-                .map(|f| estimated_count(f.client(), &config.source.database, c)),
+                .map(|f| estimated_count(f.client(), f.target_db(ns), &ns.coll)),
         )
         .await;
         for (f, fol) in followers.iter().zip(counts) {

@@ -151,19 +151,24 @@ pub async fn resync(config: &Config, follower: &str) -> ExitCode {
     // is the follower's checkpoint, so whichever node leads (now or later, on any host)
     // copies it: a running leader fails its next checkpoint swap, reloads, and sees it.
     let run = async {
-        let f = Follower::new(
-            fcfg,
-            &config.source.database,
-            &config.replication,
-            config.node_id(),
-        )
-        .await?;
-        for c in &config.source.collections {
-            f.mark_resync(c).await?;
+        let f = Follower::new(fcfg, &config.replication, config.node_id()).await?;
+        let namespaces = if config.selection().is_literal() {
+            config.selection().literal()
+        } else {
+            let source = crate::source::client(&config.source.uri, "source").await?;
+            config.selection().resolve(&source).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "listing the source's collections: {}",
+                    crate::source::describe(&e)
+                )
+            })?
+        };
+        for ns in &namespaces {
+            f.mark_resync(ns).await?;
         }
-        let store = CheckpointStore::open(&config.checkpoint.token_file, &config.source.database)?;
-        for c in &config.source.collections {
-            store.reset(c, follower);
+        let store = CheckpointStore::open(&config.checkpoint.token_file, config.scope())?;
+        for ns in &namespaces {
+            store.reset(&config.selection().label(ns), follower);
         }
         store.flush().await?;
         anyhow::Ok(())

@@ -48,6 +48,9 @@ pub struct Config {
     /// Whether a URI as written in the file carries a password (not from `${NAME}` or a file).
     #[serde(skip)]
     inline_secret: bool,
+    /// The replicated collections, from `source` (set by validation).
+    #[serde(skip)]
+    selection: crate::namespace::Selection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -59,8 +62,20 @@ pub struct SourceConfig {
     /// A file holding the URI (a Docker secret, a systemd credential).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri_file: Option<PathBuf>,
+    /// The simple form: one database and its collections (names or globs; `["*"]` is every
+    /// collection of it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub database: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub collections: Vec<String>,
+    /// Collections to leave out (globs): collection names in the simple form,
+    /// `database.collection` with `namespaces`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Instead of `database` + `collections`: `database.collection` entries across
+    /// databases, the collection part possibly a glob (`app.*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -78,6 +93,23 @@ pub struct FollowerConfig {
     /// data there; without this the pair refuses to write to such a follower.
     #[serde(default)]
     pub allow_unfenced_writes: bool,
+    /// Write into this database on the follower instead of the source's (simple form only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// `false` makes an archive follower: deletes on the source are not applied to it.
+    #[serde(default = "yes")]
+    pub apply_deletes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl FollowerConfig {
+    /// The follower database that source database `db` is written into.
+    pub fn target_db<'a>(&'a self, db: &'a str) -> &'a str {
+        self.database.as_deref().unwrap_or(db)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -125,6 +157,22 @@ pub struct ReplicationConfig {
     pub write_timeout: Duration,
     /// The most bytes of documents a batch holds; read-ahead is bounded by twice this.
     pub batch_max_bytes: bytesize::ByteSize,
+    /// Per collection (`name`, or `database.name`), a key field other than `key_field`.
+    pub key_fields: std::collections::BTreeMap<String, String>,
+    /// Copy and keep the source's indexes and collection options (validator, collation,
+    /// capped size) on the followers.
+    pub indexes: bool,
+}
+
+impl ReplicationConfig {
+    /// The key field of collection `ns`.
+    pub fn key_field_for(&self, ns: &crate::namespace::Ns) -> &str {
+        self.key_fields
+            .get(&ns.to_string())
+            .or_else(|| self.key_fields.get(&ns.coll))
+            .map(String::as_str)
+            .unwrap_or(&self.key_field)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -150,6 +198,8 @@ impl Default for ReplicationConfig {
             on_rejected: OnRejected::Quarantine,
             write_timeout: Duration::from_secs(30),
             batch_max_bytes: bytesize::ByteSize::mb(16),
+            key_fields: Default::default(),
+            indexes: true,
         }
     }
 }
@@ -344,28 +394,52 @@ impl Config {
         Ok(())
     }
 
-    /// Checks every key; returns the warnings the URIs call for (see [`tls_warning`]).
-    fn validate(&self) -> Result<Vec<String>, ConfigError> {
-        if let Some(id) = &self.node_id {
-            validate_node_id(id).map_err(|m| ConfigError::key("node_id", m))?;
+    /// The replicated collections.
+    pub fn selection(&self) -> &crate::namespace::Selection {
+        &self.selection
+    }
+
+    /// What the token file belongs to: the source database, or `(namespaces)`.
+    pub fn scope(&self) -> &str {
+        if self.selection.is_simple() {
+            &self.source.database
+        } else {
+            "(namespaces)"
         }
-        let source = parse_uri("source.uri", &self.source.uri)?;
-        let mut warnings: Vec<String> = tls_warning("the source", &source).into_iter().collect();
-        validate_db_name("source.database", &self.source.database)?;
-        if self.source.collections.is_empty() {
+    }
+
+    /// Validates `source`'s selection keys.
+    fn build_selection(&self) -> Result<crate::namespace::Selection, ConfigError> {
+        let s = &self.source;
+        if !s.namespaces.is_empty() {
+            if !s.database.is_empty() || !s.collections.is_empty() {
+                return Err(ConfigError::key(
+                    "source.namespaces",
+                    "is set together with source.database or source.collections; use one form",
+                ));
+            }
+            let sel = crate::namespace::Selection::namespaces(&s.namespaces, &s.exclude)
+                .map_err(|m| ConfigError::key("source.namespaces", m))?;
+            for (i, db) in sel.databases().iter().enumerate() {
+                validate_db_name(&format!("source.namespaces[{i}]"), db)?;
+            }
+            return Ok(sel);
+        }
+        if s.database.is_empty() {
+            return Err(ConfigError::key(
+                "source.database",
+                "is missing; set source.database and source.collections, or source.namespaces",
+            ));
+        }
+        validate_db_name("source.database", &s.database)?;
+        if s.collections.is_empty() {
             return Err(ConfigError::key(
                 "source.collections",
-                "lists no collection; name at least one",
+                "lists no collection; name at least one (or \"*\" for every collection)",
             ));
         }
         let mut seen = HashSet::new();
-        for c in &self.source.collections {
-            if c.is_empty() || c.starts_with("system.") || c.contains('$') || c.contains('\0') {
-                return Err(ConfigError::key(
-                    "source.collections",
-                    format!("`{c}` is not a valid collection name"),
-                ));
-            }
+        for c in &s.collections {
             if !seen.insert(c) {
                 return Err(ConfigError::key(
                     "source.collections",
@@ -373,6 +447,24 @@ impl Config {
                 ));
             }
         }
+        crate::namespace::Selection::simple(&s.database, &s.collections, &s.exclude).map_err(|m| {
+            let key = if m.contains("pattern") && s.exclude.iter().any(|e| m.contains(e.as_str())) {
+                "source.exclude"
+            } else {
+                "source.collections"
+            };
+            ConfigError::key(key, m)
+        })
+    }
+
+    /// Checks every key; returns the warnings the URIs call for (see [`tls_warning`]).
+    fn validate(&mut self) -> Result<Vec<String>, ConfigError> {
+        if let Some(id) = &self.node_id {
+            validate_node_id(id).map_err(|m| ConfigError::key("node_id", m))?;
+        }
+        let source = parse_uri("source.uri", &self.source.uri)?;
+        let mut warnings: Vec<String> = tls_warning("the source", &source).into_iter().collect();
+        let selection = self.build_selection()?;
         if self.followers.is_empty() {
             return Err(ConfigError::key(
                 "followers",
@@ -405,6 +497,21 @@ impl Config {
             }
             let cs = parse_uri(&format!("{key}.uri"), &f.uri)?;
             warnings.extend(tls_warning(&format!("follower `{}`", f.name), &cs));
+            if let Some(db) = &f.database {
+                validate_db_name(&format!("{key}.database"), db)?;
+                if !selection.is_simple() {
+                    return Err(ConfigError::key(
+                        &format!("{key}.database"),
+                        "maps source.database to another database; with source.namespaces, databases are not mapped",
+                    ));
+                }
+                if db == &self.replication.state_database {
+                    return Err(ConfigError::key(
+                        &format!("{key}.database"),
+                        "must differ from replication.state_database",
+                    ));
+                }
+            }
             if !source_hosts.is_empty() && host_set(&cs) == source_hosts {
                 return Err(ConfigError::key(
                     &format!("{key}.uri"),
@@ -451,11 +558,19 @@ impl Config {
                 ),
             ));
         }
+        for (coll, field) in &r.key_fields {
+            if field.is_empty() || field.starts_with('$') || field.contains('\0') {
+                return Err(ConfigError::key(
+                    &format!("replication.key_fields.{coll}"),
+                    format!("`{field}` is not a valid field name"),
+                ));
+            }
+        }
         validate_db_name("replication.state_database", &r.state_database)?;
-        if r.state_database == self.source.database {
+        if selection.databases().contains(&r.state_database) {
             return Err(ConfigError::key(
                 "replication.state_database",
-                "must differ from source.database, or the replicator's state would mix with replicated data",
+                "must differ from the replicated databases, or the replicator's state would mix with replicated data",
             ));
         }
         if self.checkpoint.token_file.as_os_str().is_empty() {
@@ -484,10 +599,10 @@ impl Config {
             ));
         }
         validate_db_name("lease.database", &l.database)?;
-        if l.database == self.source.database {
+        if selection.databases().contains(&l.database) {
             return Err(ConfigError::key(
                 "lease.database",
-                "must differ from source.database",
+                "must differ from the replicated databases",
             ));
         }
         if l.collection.is_empty() || l.collection.contains('$') {
@@ -507,6 +622,7 @@ impl Config {
         })?;
         log_filter(&self.log.level)
             .map_err(|m| ConfigError::key("log.level", format!("`{}` {m}", self.log.level)))?;
+        self.selection = selection;
         Ok(warnings)
     }
 

@@ -31,6 +31,7 @@ use mongodb::{Client, ClientSession};
 use crate::change::{eq, Op, Plan};
 use crate::checkpoint::{now_ms, Checkpoint};
 use crate::config::{FollowerConfig, OnRejected, ReplicationConfig};
+use crate::namespace::Ns;
 
 pub const FENCE_COLLECTION: &str = "fence";
 pub const CHECKPOINT_COLLECTION: &str = "checkpoints";
@@ -96,7 +97,7 @@ fn is_conflict(code: i32) -> bool {
 
 /// One batch for [`Follower::apply`].
 pub struct Write<'a> {
-    pub collection: &'a str,
+    pub ns: &'a Ns,
     pub ops: &'a [Op],
     /// The checkpoint the batch leaves.
     pub next: Next<'a>,
@@ -194,9 +195,11 @@ pub enum Next<'a> {
 pub struct Follower {
     pub name: String,
     client: Client,
-    data_db: String,
+    /// The follower database each source database is written into (`None`: the same).
+    target: Option<String>,
+    apply_deletes: bool,
     state_db: String,
-    key_field: String,
+    replication: ReplicationConfig,
     node_id: String,
     allow_unfenced: bool,
     on_rejected: OnRejected,
@@ -217,19 +220,18 @@ impl Follower {
     /// Creates the client; it connects lazily, so an unreachable follower is not an error yet.
     pub async fn new(
         cfg: &FollowerConfig,
-        data_db: &str,
         replication: &ReplicationConfig,
         node_id: &str,
     ) -> anyhow::Result<Follower> {
         let state_db = &replication.state_database;
-        let key_field = &replication.key_field;
         let client = crate::source::client(&cfg.uri, &format!("follower {}", cfg.name)).await?;
         Ok(Follower {
             name: cfg.name.clone(),
             client,
-            data_db: data_db.to_string(),
+            target: cfg.database.clone(),
+            apply_deletes: cfg.apply_deletes,
             state_db: state_db.to_string(),
-            key_field: key_field.to_string(),
+            replication: replication.clone(),
             node_id: node_id.to_string(),
             allow_unfenced: cfg.allow_unfenced_writes,
             timeout: replication.write_timeout,
@@ -288,17 +290,18 @@ impl Follower {
     /// Makes sure the follower can find documents by key quickly: creates an index on the
     /// key field unless one exists (upserts matched by key would scan the collection
     /// otherwise). Not unique, so existing duplicate data on a follower cannot block it.
-    pub async fn ensure_key_index(&self, collection: &str) -> Result<(), ApplyError> {
-        self.timed("ensure key index", self.ensure_key_index_inner(collection))
+    pub async fn ensure_key_index(&self, ns: &Ns) -> Result<(), ApplyError> {
+        self.timed("ensure key index", self.ensure_key_index_inner(ns))
             .await
     }
 
-    async fn ensure_key_index_inner(&self, collection: &str) -> Result<(), ApplyError> {
+    async fn ensure_key_index_inner(&self, ns: &Ns) -> Result<(), ApplyError> {
+        let key_field = self.key_field(ns);
         let cmd = doc! {
-            "createIndexes": collection,
-            "indexes": [{"key": {&self.key_field: 1}, "name": format!("mongo_replicator_{}", self.key_field)}],
+            "createIndexes": &ns.coll,
+            "indexes": [{"key": {key_field: 1}, "name": key_index_name(key_field)}],
         };
-        match self.command(&self.data_db, cmd, None).await {
+        match self.command(self.target_db(ns), cmd, None).await {
             Ok(_) => Ok(()),
             // An equivalent index under another name, or other options: it serves as well.
             Err(ApplyError::Unavailable(m))
@@ -424,7 +427,7 @@ impl Follower {
                     limit = limit.saturating_mul(2);
                 }
                 Err(TxnErr::TooLarge(msg)) if len > 1 => {
-                    tracing::info!(follower = %self.name, collection = w.collection, ops = len, error = %msg, "transaction too large for the follower; splitting the batch");
+                    tracing::info!(follower = %self.name, collection = %w.ns, ops = len, error = %msg, "transaction too large for the follower; splitting the batch");
                     limit = len / 2;
                 }
                 Err(TxnErr::TooLarge(_)) if ops.is_empty() && written < quarantined.len() => {
@@ -496,7 +499,7 @@ impl Follower {
                             "transaction failed {attempt} times with a transient error: {msg}"
                         )));
                     }
-                    tracing::debug!(follower = %self.name, collection = w.collection, attempt, error = %msg, "transient transaction error; retrying in place");
+                    tracing::debug!(follower = %self.name, collection = %w.ns, attempt, error = %msg, "transient transaction error; retrying in place");
                 }
                 Err(e) => return Err(e.into_apply()),
             }
@@ -512,7 +515,7 @@ impl Follower {
         careful: bool,
         last: bool,
     ) -> Result<(Rev, QuarantineWrite), TxnErr> {
-        let mut session = self.session(w.collection, w.term).await?;
+        let mut session = self.session(w.ns, w.term).await?;
         let res = self
             .txn_in_session(&mut session, w, ops, quarantined, careful, last)
             .await;
@@ -526,17 +529,14 @@ impl Follower {
         );
         if reusable {
             // Only a session whose last transaction ended (committed or aborted) is reused.
-            self.sessions
-                .lock()
-                .await
-                .insert(w.collection.to_string(), session);
+            self.sessions.lock().await.insert(w.ns.to_string(), session);
         }
         res
     }
 
     /// The collection's session, or a new one whose id is registered on the follower first.
-    async fn session(&self, collection: &str, term: i64) -> Result<ClientSession, TxnErr> {
-        if let Some(s) = self.sessions.lock().await.remove(collection) {
+    async fn session(&self, ns: &Ns, term: i64) -> Result<ClientSession, TxnErr> {
+        if let Some(s) = self.sessions.lock().await.remove(&ns.to_string()) {
             return Ok(s);
         }
         let session = self.client.start_session().await.map_err(apply_err)?;
@@ -550,7 +550,7 @@ impl Follower {
                         "{}/{}/{}",
                         self.node_id,
                         self.incarnation,
-                        self.pipeline_id(collection)
+                        self.pipeline_id(ns)
                     )),
                 ),
                 doc! {
@@ -558,7 +558,7 @@ impl Follower {
                         "lsid": session.id().clone(),
                         "node": &self.node_id,
                         "incarnation": &self.incarnation,
-                        "pipeline": self.pipeline_id(collection),
+                        "pipeline": self.pipeline_id(ns),
                         "term": term,
                     },
                     "$currentDate": {"at": true},
@@ -575,30 +575,22 @@ impl Follower {
     /// pipeline's fence and would make every batch of the new leader fail with a write
     /// conflict until the server expires them. Other pipelines' and other deployments'
     /// sessions are left alone.
-    pub async fn abort_stale_writers(
-        &self,
-        collection: &str,
-        term: i64,
-    ) -> Result<usize, ApplyError> {
+    pub async fn abort_stale_writers(&self, ns: &Ns, term: i64) -> Result<usize, ApplyError> {
         self.timed(
             "aborting stale writers",
-            self.abort_stale_writers_inner(collection, term),
+            self.abort_stale_writers_inner(ns, term),
         )
         .await
     }
 
-    async fn abort_stale_writers_inner(
-        &self,
-        collection: &str,
-        term: i64,
-    ) -> Result<usize, ApplyError> {
+    async fn abort_stale_writers_inner(&self, ns: &Ns, term: i64) -> Result<usize, ApplyError> {
         let coll = self
             .client
             .database(&self.state_db)
             .collection::<Document>(WRITER_SESSIONS_COLLECTION);
         let stale: Vec<Document> = coll
             .find(doc! {
-                "pipeline": {"$eq": self.pipeline_id(collection)},
+                "pipeline": {"$eq": self.pipeline_id(ns)},
                 "incarnation": {"$ne": &self.incarnation},
                 "term": {"$lt": term},
             })
@@ -642,11 +634,9 @@ impl Follower {
             .map_err(apply_err)?;
         // Fence first, then the data and the quarantine, then the checkpoint: all or nothing.
         let body = async {
-            self.raise_fence(Some(&mut *session), w.collection, w.term)
-                .await?;
-            let plan = Plan::build(ops, &self.key_field, careful);
-            self.run_plan(Some(&mut *session), w.collection, &plan)
-                .await?;
+            self.raise_fence(Some(&mut *session), w.ns, w.term).await?;
+            let plan = Plan::build(ops, self.key_field(w.ns), careful);
+            self.run_plan(Some(&mut *session), w.ns, &plan).await?;
             let cleared = self
                 .record_quarantine(Some(&mut *session), w, ops, quarantined)
                 .await
@@ -655,7 +645,7 @@ impl Follower {
                 return Ok((w.expect.clone(), cleared));
             }
             let rev = self
-                .store_checkpoint(Some(&mut *session), w.collection, w.next, w.term, w.expect)
+                .store_checkpoint(Some(&mut *session), w.ns, w.next, w.term, w.expect)
                 .await
                 .map_err(|e| classify(TxnErr::Apply(e)))?;
             Ok::<_, TxnErr>((rev, cleared))
@@ -679,7 +669,7 @@ impl Follower {
                     retried = true;
                 }
                 Err(e) => {
-                    if let Some(fenced) = self.fenced_error(w.collection, w.term).await {
+                    if let Some(fenced) = self.fenced_error(w.ns, w.term).await {
                         return Err(TxnErr::Apply(fenced));
                     }
                     return Err(classify(apply_err(e)));
@@ -698,9 +688,9 @@ impl Follower {
         careful: bool,
         last: bool,
     ) -> Result<(Rev, QuarantineWrite), TxnErr> {
-        self.raise_fence(None, w.collection, w.term).await?;
-        let plan = Plan::build(ops, &self.key_field, careful);
-        self.run_plan(None, w.collection, &plan).await?;
+        self.raise_fence(None, w.ns, w.term).await?;
+        let plan = Plan::build(ops, self.key_field(w.ns), careful);
+        self.run_plan(None, w.ns, &plan).await?;
         let cleared = self
             .record_quarantine(None, w, ops, quarantined)
             .await
@@ -709,7 +699,7 @@ impl Follower {
             return Ok((w.expect.clone(), cleared));
         }
         let rev = self
-            .store_checkpoint(None, w.collection, w.next, w.term, w.expect)
+            .store_checkpoint(None, w.ns, w.next, w.term, w.expect)
             .await
             .map_err(TxnErr::Apply)?;
         Ok((rev, cleared))
@@ -725,7 +715,7 @@ impl Follower {
         ops: &[Op],
         quarantined: &[Quarantined],
     ) -> Result<QuarantineWrite, ApplyError> {
-        let ns = self.pipeline_id(w.collection);
+        let ns = self.pipeline_id(w.ns);
         let mut cleared = 0;
         if w.reset_quarantine {
             let cmd = doc! {
@@ -771,7 +761,7 @@ impl Follower {
                     "q": {"_id": {"$eq": id.clone()}},
                     "u": {
                         "_id": id,
-                        "collection": w.collection,
+                        "collection": &w.ns.coll,
                         "key": bounded_key(q.key.as_ref()),
                         "error": &q.error,
                         "code": q.code,
@@ -816,8 +806,8 @@ impl Follower {
     }
 
     /// How many documents of `collection` are in this follower's quarantine.
-    pub async fn quarantine_count(&self, collection: &str) -> Result<u64, ApplyError> {
-        let ns = self.pipeline_id(collection);
+    pub async fn quarantine_count(&self, ns: &Ns) -> Result<u64, ApplyError> {
+        let ns = self.pipeline_id(ns);
         self.timed("quarantine count", async {
             Ok(self
                 .client
@@ -855,17 +845,16 @@ impl Follower {
     /// Raises this pipeline's fence to `term` on its own, outside a batch: a new leader does
     /// this before it reads the pipeline's checkpoint, so that a stale leader's transaction
     /// either committed before that read or fails.
-    pub async fn claim(&self, collection: &str, term: i64) -> Result<(), ApplyError> {
-        self.timed("claim", self.claim_inner(collection, term))
-            .await
+    pub async fn claim(&self, ns: &Ns, term: i64) -> Result<(), ApplyError> {
+        self.timed("claim", self.claim_inner(ns, term)).await
     }
 
-    async fn claim_inner(&self, collection: &str, term: i64) -> Result<(), ApplyError> {
+    async fn claim_inner(&self, ns: &Ns, term: i64) -> Result<(), ApplyError> {
         if !self.supports_transactions().await? && !self.allow_unfenced {
             return Err(ApplyError::Unfenced(self.name.clone()));
         }
         self.ensure_state_collections().await?;
-        self.raise_fence(None, collection, term)
+        self.raise_fence(None, ns, term)
             .await
             .map_err(TxnErr::into_apply)
     }
@@ -903,13 +892,13 @@ impl Follower {
     async fn raise_fence(
         &self,
         session: Option<&mut ClientSession>,
-        collection: &str,
+        ns: &Ns,
         term: i64,
     ) -> Result<(), TxnErr> {
         let cmd = doc! {
             "update": FENCE_COLLECTION,
             "updates": [{
-                "q": {"_id": {"$eq": self.pipeline_id(collection)}, "term": {"$lte": term}},
+                "q": {"_id": {"$eq": self.pipeline_id(ns)}, "term": {"$lte": term}},
                 "u": {"$set": {"term": term, "node": &self.node_id}, "$currentDate": {"at": true}},
                 "upsert": true,
             }],
@@ -920,7 +909,7 @@ impl Follower {
             .map_err(TxnErr::Apply)?;
         if let Some((_, code, msg)) = first_write_error(&res) {
             if code == 11000 {
-                let their_term = self.fence_term(collection).await.unwrap_or(term + 1);
+                let their_term = self.fence_term(ns).await.unwrap_or(term + 1);
                 return Err(TxnErr::Apply(ApplyError::Fenced {
                     our_term: term,
                     their_term,
@@ -934,19 +923,19 @@ impl Follower {
     }
 
     /// The term recorded in the pipeline's fence, if any.
-    pub async fn fence_term(&self, collection: &str) -> Option<i64> {
+    pub async fn fence_term(&self, ns: &Ns) -> Option<i64> {
         let d = self
             .client
             .database(&self.state_db)
             .collection::<Document>(FENCE_COLLECTION)
-            .find_one(eq("_id", &Bson::String(self.pipeline_id(collection))))
+            .find_one(eq("_id", &Bson::String(self.pipeline_id(ns))))
             .await
             .ok()??;
         d.get("term").and_then(bson_i64)
     }
 
-    async fn fenced_error(&self, collection: &str, term: i64) -> Option<ApplyError> {
-        let their = self.fence_term(collection).await?;
+    async fn fenced_error(&self, ns: &Ns, term: i64) -> Option<ApplyError> {
+        let their = self.fence_term(ns).await?;
         (their > term).then_some(ApplyError::Fenced {
             our_term: term,
             their_term: their,
@@ -956,13 +945,13 @@ impl Follower {
     async fn run_plan(
         &self,
         mut session: Option<&mut ClientSession>,
-        collection: &str,
+        ns: &Ns,
         plan: &Plan,
     ) -> Result<(), TxnErr> {
         for (start, chunk) in chunks(&plan.deletes) {
-            let cmd = doc! {"delete": collection, "deletes": chunk, "ordered": true};
+            let cmd = doc! {"delete": &ns.coll, "deletes": chunk, "ordered": true};
             let res = self
-                .command(&self.data_db, cmd, session.as_deref_mut())
+                .command(self.target_db(ns), cmd, session.as_deref_mut())
                 .await
                 .map_err(|e| classify(TxnErr::Apply(e)))?;
             check_write_result(&res, plan.careful, |i| {
@@ -970,9 +959,9 @@ impl Follower {
             })?;
         }
         for (start, chunk) in chunks(&plan.upserts) {
-            let cmd = doc! {"update": collection, "updates": chunk, "ordered": true};
+            let cmd = doc! {"update": &ns.coll, "updates": chunk, "ordered": true};
             let res = self
-                .command(&self.data_db, cmd, session.as_deref_mut())
+                .command(self.target_db(ns), cmd, session.as_deref_mut())
                 .await
                 .map_err(|e| classify(TxnErr::Apply(e)))?;
             check_write_result(&res, plan.careful, |i| {
@@ -987,13 +976,13 @@ impl Follower {
     async fn store_checkpoint(
         &self,
         session: Option<&mut ClientSession>,
-        collection: &str,
+        ns: &Ns,
         next: Next<'_>,
         term: i64,
         expect: &Rev,
     ) -> Result<Rev, ApplyError> {
         let write_id = ObjectId::new();
-        let id = self.pipeline_id(collection);
+        let id = self.pipeline_id(ns);
         let mut body = doc! {
             "_id": &id,
             "write_id": write_id,
@@ -1032,33 +1021,33 @@ impl Follower {
         let res = self.command(&self.state_db, cmd, session).await?;
         if let Some((_, code, msg)) = first_write_error(&res) {
             if code == 11000 {
-                return Err(ApplyError::Moved(collection.to_string()));
+                return Err(ApplyError::Moved(ns.to_string()));
             }
             return Err(ApplyError::Rejected(format!("checkpoint write: {msg}")));
         }
         if res.get("n").and_then(bson_i64) != Some(1) {
-            return Err(ApplyError::Moved(collection.to_string()));
+            return Err(ApplyError::Moved(ns.to_string()));
         }
         Ok(Rev::Id(write_id))
     }
 
     /// The id of a pipeline's fence and checkpoint documents: `<database>.<collection>`.
-    fn pipeline_id(&self, collection: &str) -> String {
-        format!("{}.{}", self.data_db, collection)
+    fn pipeline_id(&self, ns: &Ns) -> String {
+        format!("{}.{}", self.target_db(ns), ns.coll)
     }
 
     /// What the follower holds for `collection`.
-    pub async fn load_checkpoint(&self, collection: &str) -> Result<Stored, ApplyError> {
-        self.timed("load checkpoint", self.load_checkpoint_inner(collection))
+    pub async fn load_checkpoint(&self, ns: &Ns) -> Result<Stored, ApplyError> {
+        self.timed("load checkpoint", self.load_checkpoint_inner(ns))
             .await
     }
 
-    async fn load_checkpoint_inner(&self, collection: &str) -> Result<Stored, ApplyError> {
+    async fn load_checkpoint_inner(&self, ns: &Ns) -> Result<Stored, ApplyError> {
         let d = self
             .client
             .database(&self.state_db)
             .collection::<Document>(CHECKPOINT_COLLECTION)
-            .find_one(eq("_id", &Bson::String(self.pipeline_id(collection))))
+            .find_one(eq("_id", &Bson::String(self.pipeline_id(ns))))
             .await?;
         let Some(d) = d else {
             return Ok(Stored::Absent);
@@ -1090,13 +1079,12 @@ impl Follower {
 
     /// Marks `collection` for a copy without a lease (the offline `resync`). A writer that
     /// is running anywhere fails its next checkpoint swap, reloads, and sees the mark.
-    pub async fn mark_resync(&self, collection: &str) -> Result<(), ApplyError> {
-        self.timed("mark resync", self.mark_resync_inner(collection))
-            .await
+    pub async fn mark_resync(&self, ns: &Ns) -> Result<(), ApplyError> {
+        self.timed("mark resync", self.mark_resync_inner(ns)).await
     }
 
-    async fn mark_resync_inner(&self, collection: &str) -> Result<(), ApplyError> {
-        let id = self.pipeline_id(collection);
+    async fn mark_resync_inner(&self, ns: &Ns) -> Result<(), ApplyError> {
+        let id = self.pipeline_id(ns);
         self.client
             .database(&self.state_db)
             .collection::<Document>(CHECKPOINT_COLLECTION)
@@ -1110,9 +1098,32 @@ impl Follower {
         Ok(())
     }
 
-    pub fn data_db(&self) -> &str {
-        &self.data_db
+    /// The follower database that `ns` is written into.
+    pub fn target_db<'a>(&'a self, ns: &'a Ns) -> &'a str {
+        self.target.as_deref().unwrap_or(&ns.db)
     }
+
+    /// The follower collection that `ns` is written into.
+    pub fn target(&self, ns: &Ns) -> mongodb::Collection<Document> {
+        self.client
+            .database(self.target_db(ns))
+            .collection(&ns.coll)
+    }
+
+    /// The key field of `ns`.
+    pub fn key_field<'a>(&'a self, ns: &Ns) -> &'a str {
+        self.replication.key_field_for(ns)
+    }
+
+    /// Whether deletes on the source are applied (false: an archive follower).
+    pub fn applies_deletes(&self) -> bool {
+        self.apply_deletes
+    }
+}
+
+/// The name of the replicator's own index on the key field of a follower collection.
+pub fn key_index_name(key_field: &str) -> String {
+    format!("mongo_replicator_{key_field}")
 }
 
 /// The write concern of every follower write: acknowledged by a majority and journaled, so

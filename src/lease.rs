@@ -105,7 +105,7 @@ impl Lease {
                 .database(&config.lease.database)
                 .collection(&config.lease.collection),
             client,
-            name: config.source.database.clone(),
+            name: config.scope().to_string(),
             node_id: config.node_id().to_string(),
             incarnation: mongodb::bson::oid::ObjectId::new().to_hex(),
             ttl,

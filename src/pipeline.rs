@@ -22,11 +22,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{coalesce, upsert_for, Coalesced, Op, Skip};
-use crate::checkpoint::{token_cluster_time, Checkpoint, CheckpointStore};
+use crate::checkpoint::{token_cluster_time, ts_key, Checkpoint, CheckpointStore};
 use crate::config::{Config, InitialSync, OnHistoryLost};
 use crate::follower::{ApplyError, Follower, Next, Rev, Stored, Write};
 use crate::lease::Authority;
+use crate::namespace::Ns;
 use crate::order::after_filter;
+use crate::reader::{collection_filter, event_bytes, event_time, token_time, Hub, HubItem};
 use crate::source::{describe, is_history_lost};
 use crate::status::{PairState, PairStats};
 
@@ -40,7 +42,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Everything one pipeline needs.
 pub struct Pair {
-    pub collection: String,
+    /// The source collection.
+    pub ns: Ns,
+    /// Its name in status, logs and the token file (see [`crate::namespace::Selection::label`]).
+    pub label: String,
     pub follower: Arc<Follower>,
     pub source: Client,
     pub config: Arc<Config>,
@@ -53,6 +58,9 @@ pub struct Pair {
     /// Events (or documents, in a copy) asked for per batch from the source
     /// (`batch_max_docs` at first, halved when a reply was too large).
     pub stream_batch: std::sync::atomic::AtomicU32,
+    /// The shared reader of the source database, once this pipeline's own stream has caught
+    /// up (see [`crate::reader`]).
+    pub hub: Option<Arc<Hub>>,
 }
 
 /// How a pipeline ended.
@@ -137,9 +145,7 @@ fn decode(raw: &RawDocumentBuf) -> Result<Document, PairError> {
 
 impl Pair {
     fn coll(&self) -> Collection<Document> {
-        self.source
-            .database(&self.config.source.database)
-            .collection(&self.collection)
+        self.source.database(&self.ns.db).collection(&self.ns.coll)
     }
 
     fn name(&self) -> &str {
@@ -214,12 +220,12 @@ impl Pair {
                     return Exit::Shutdown;
                 }
                 PairError::NotLeader(msg) => {
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %msg, "pipeline stops: this node is no longer the leader");
+                    tracing::warn!(follower = %self.name(), collection = %self.label, reason = %msg, "pipeline stops: this node is no longer the leader");
                     self.stats.set_state(PairState::Stopped, Some(msg.clone()));
                     return Exit::NotLeader(msg);
                 }
                 PairError::Fatal(msg) => {
-                    tracing::error!(follower = %self.name(), collection = %self.collection, reason = %msg, "pipeline stopped; it starts again on a resync (or a restart of the node)");
+                    tracing::error!(follower = %self.name(), collection = %self.label, reason = %msg, "pipeline stopped; it starts again on a resync (or a restart of the node)");
                     self.stats.set_state(PairState::Stopped, Some(msg.clone()));
                     if !self.wait_for_resync(&stop).await {
                         return Exit::Failed(msg);
@@ -228,7 +234,7 @@ impl Pair {
                     "resync requested".to_string()
                 }
                 PairError::TooLarge(msg) => {
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, "the source could not send a change event (too large); reading the next batch without documents and re-reading each by _id");
+                    tracing::warn!(follower = %self.name(), collection = %self.label, error = %msg, "the source could not send a change event (too large); reading the next batch without documents and re-reading each by _id");
                     self.stats.skipped("event_too_large");
                     degraded = true;
                     continue;
@@ -239,7 +245,7 @@ impl Pair {
                     let next = (now / 2).max(1);
                     self.stream_batch
                         .store(next, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, batch = next, "the source's reply was too large; asking for fewer events per batch");
+                    tracing::warn!(follower = %self.name(), collection = %self.label, error = %msg, batch = next, "the source's reply was too large; asking for fewer events per batch");
                     if now == 1 {
                         // Even one event per batch is too large: read it without its
                         // document and re-read that by `_id`.
@@ -249,7 +255,7 @@ impl Pair {
                 }
                 PairError::Reload(msg) => {
                     reloads += 1;
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %msg, "reloading the follower's checkpoint");
+                    tracing::warn!(follower = %self.name(), collection = %self.label, reason = %msg, "reloading the follower's checkpoint");
                     self.stats.skipped("checkpoint_reload");
                     // A follower that keeps changing underneath (another writer) is not
                     // retried in a tight loop.
@@ -262,7 +268,7 @@ impl Pair {
                 PairError::HistoryLost(msg) => {
                     let policy = self.config.replication.on_history_lost;
                     tracing::error!(
-                        follower = %self.name(), collection = %self.collection, error = %msg, ?policy,
+                        follower = %self.name(), collection = %self.label, error = %msg, ?policy,
                         "history lost: the checkpoint's resume point is no longer in the source's oplog, so changes since then cannot be streamed"
                     );
                     self.stats.skipped("history_lost");
@@ -280,7 +286,7 @@ impl Pair {
                     }
                 }
                 PairError::Transient(msg) => {
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, error = %msg, retry_in = ?backoff, "pipeline interrupted; will resume from the checkpoint");
+                    tracing::warn!(follower = %self.name(), collection = %self.label, error = %msg, retry_in = ?backoff, "pipeline interrupted; will resume from the checkpoint");
                     self.stats.set_state(PairState::Down, Some(msg));
                     if sleep_or_stop(&stop, backoff).await {
                         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -289,7 +295,7 @@ impl Pair {
                 }
             };
             // Mark the follower for a copy; the next round copies it again.
-            tracing::warn!(follower = %self.name(), collection = %self.collection, reason = %resync, "copying this follower again");
+            tracing::warn!(follower = %self.name(), collection = %self.label, reason = %resync, "copying this follower again");
             match self.mark_resync().await {
                 Ok(()) => reloads = 0,
                 // Another writer or a restore moved the checkpoint: the next round reads
@@ -317,9 +323,7 @@ impl Pair {
             // `mongo-replicator resync` where no node answered marks the follower itself.
             polls += 1;
             if polls % 10 == 0 {
-                if let Ok(Stored::Resync { .. }) =
-                    self.follower.load_checkpoint(&self.collection).await
-                {
+                if let Ok(Stored::Resync { .. }) = self.follower.load_checkpoint(&self.ns).await {
                     return true;
                 }
             }
@@ -333,14 +337,14 @@ impl Pair {
     /// so that the copy happens even across restarts and whatever `initial_sync` says.
     async fn mark_resync(&self) -> Result<(), PairError> {
         self.check_authority()?;
-        let expect = match self.follower.load_checkpoint(&self.collection).await? {
+        let expect = match self.follower.load_checkpoint(&self.ns).await? {
             Stored::Resync { .. } => return Ok(()),
             other => other.rev(),
         };
         let applied = self
             .follower
             .apply(&Write {
-                collection: &self.collection,
+                ns: &self.ns,
                 ops: &[],
                 next: Next::Resync,
                 term: self.authority.term(),
@@ -350,7 +354,7 @@ impl Pair {
             })
             .await?;
         self.set_rev(applied.rev);
-        self.store.reset(&self.collection, self.name());
+        self.store.reset(&self.label, self.name());
         Ok(())
     }
 
@@ -374,11 +378,11 @@ impl Pair {
     /// file's entry is used instead only when it extends exactly the revision the follower
     /// holds (it is then ahead by idle post-batch tokens alone, over which nothing changed).
     async fn resume_point(&self) -> Result<Stored, PairError> {
-        let stored = self.follower.load_checkpoint(&self.collection).await?;
+        let stored = self.follower.load_checkpoint(&self.ns).await?;
         self.set_rev(stored.rev());
         match &stored {
             Stored::At { cp, rev } => {
-                let local = self.store.get(&self.collection, self.name());
+                let local = self.store.get(&self.label, self.name());
                 match local {
                     Some(l)
                         if l.write_id.is_some()
@@ -393,17 +397,14 @@ impl Pair {
                         });
                     }
                     Some(l) if l != **cp => {
-                        tracing::info!(follower = %self.name(), collection = %self.collection, "the token file does not match the follower's checkpoint; resuming from the follower's own");
-                        self.store
-                            .replace(&self.collection, self.name(), (**cp).clone());
+                        tracing::info!(follower = %self.name(), collection = %self.label, "the token file does not match the follower's checkpoint; resuming from the follower's own");
+                        self.store.replace(&self.label, self.name(), (**cp).clone());
                     }
-                    _ => self
-                        .store
-                        .replace(&self.collection, self.name(), (**cp).clone()),
+                    _ => self.store.replace(&self.label, self.name(), (**cp).clone()),
                 }
             }
             Stored::Absent | Stored::Resync { .. } => {
-                self.store.reset(&self.collection, self.name());
+                self.store.reset(&self.label, self.name());
             }
         }
         Ok(stored)
@@ -421,17 +422,14 @@ impl Pair {
         // open (they hold its fence, and the fence write below would wait for them), then
         // fence the pipeline before reading its checkpoint: a stale writer's transaction
         // either committed before the read below, or fails.
-        let aborted = self
-            .follower
-            .abort_stale_writers(&self.collection, term)
-            .await?;
+        let aborted = self.follower.abort_stale_writers(&self.ns, term).await?;
         if aborted > 0 {
-            tracing::info!(follower = %self.name(), collection = %self.collection, sessions = aborted, "aborted transactions left open by earlier writers");
+            tracing::info!(follower = %self.name(), collection = %self.label, sessions = aborted, "aborted transactions left open by earlier writers");
         }
-        self.follower.claim(&self.collection, term).await?;
-        self.follower.ensure_key_index(&self.collection).await?;
+        self.follower.claim(&self.ns, term).await?;
+        self.follower.ensure_key_index(&self.ns).await?;
         self.stats
-            .set_quarantined(self.follower.quarantine_count(&self.collection).await?);
+            .set_quarantined(self.follower.quarantine_count(&self.ns).await?);
         let start = match self.resume_point().await? {
             Stored::At { cp, .. } if cp.copy_after.is_some() => {
                 self.initial_sync(Some(*cp), stop).await?
@@ -442,7 +440,7 @@ impl Pair {
                 InitialSync::Auto => self.initial_sync(None, stop).await?,
                 InitialSync::Never => {
                     let cp = self.start_now().await?;
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, "first start of this follower and initial_sync = \"never\": streaming from now; existing documents are not copied (a later resync copies)");
+                    tracing::warn!(follower = %self.name(), collection = %self.label, "first start of this follower and initial_sync = \"never\": streaming from now; existing documents are not copied (a later resync copies)");
                     cp
                 }
             },
@@ -499,7 +497,7 @@ impl Pair {
         let total = self
             .src(coll.count_documents(filter.clone()).into_future())
             .await?;
-        tracing::info!(follower = %self.name(), collection = %self.collection, total, resumed = after != Bson::Null, "initial sync: copying documents");
+        tracing::info!(follower = %self.name(), collection = %self.label, total, resumed = after != Bson::Null, "initial sync: copying documents");
         let mut cursor = self
             .src(
                 coll.clone_with_type::<RawDocumentBuf>()
@@ -539,7 +537,7 @@ impl Pair {
                 bytes = 0;
                 self.commit_copied(&base, &after, &mut ops).await?;
                 if stop.is_cancelled() {
-                    tracing::info!(follower = %self.name(), collection = %self.collection, done, "initial sync interrupted by shutdown; it resumes where it stopped");
+                    tracing::info!(follower = %self.name(), collection = %self.label, done, "initial sync interrupted by shutdown; it resumes where it stopped");
                     return Err(PairError::Stopped);
                 }
             }
@@ -547,7 +545,7 @@ impl Pair {
             if last_log.elapsed() >= Duration::from_secs(2) || finished {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 tracing::info!(
-                    follower = %self.name(), collection = %self.collection,
+                    follower = %self.name(), collection = %self.label,
                     done, total, rate_per_s = (done as f64 / secs) as u64,
                     "initial sync progress: {done} of {total} documents"
                 );
@@ -561,7 +559,7 @@ impl Pair {
         let mut cp = base;
         cp.copy_after = None;
         self.commit(Vec::new(), cp.clone(), 0, false).await?;
-        tracing::info!(follower = %self.name(), collection = %self.collection, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
+        tracing::info!(follower = %self.name(), collection = %self.label, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
         Ok(cp)
     }
 
@@ -585,11 +583,7 @@ impl Pair {
     /// Deletes follower documents whose `_id` the source does not have, fenced and swapped
     /// like every batch, with the copy's checkpoint (so a crash here resumes at this step).
     async fn remove_extras(&self, base: &Checkpoint, after: &Bson) -> Result<u64, PairError> {
-        let fcoll: Collection<Document> = self
-            .follower
-            .client()
-            .database(self.follower.data_db())
-            .collection(&self.collection);
+        let fcoll: Collection<Document> = self.follower.target(&self.ns);
         let mut cursor = self
             .fol(
                 fcoll
@@ -656,7 +650,7 @@ impl Pair {
             duplicate_keys,
         } = coalesce(ops);
         for key in &duplicate_keys {
-            tracing::warn!(follower = %self.name(), collection = %self.collection, key = %key, key_field = %self.config.replication.key_field, "two source documents hold this key; the follower keeps the later one (make the key field unique on the source)");
+            tracing::warn!(follower = %self.name(), collection = %self.label, key = %key, key_field = %self.follower.key_field(&self.ns), "two source documents hold this key; the follower keeps the later one (make the key field unique on the source)");
             self.stats.skipped("duplicate_key");
         }
         let started = Instant::now();
@@ -683,7 +677,7 @@ impl Pair {
         let applied = match self
             .follower
             .apply(&Write {
-                collection: &self.collection,
+                ns: &self.ns,
                 ops,
                 next: Next::At(cp),
                 term: self.authority.term(),
@@ -704,7 +698,7 @@ impl Pair {
         if log {
             for q in applied.quarantined.iter().filter(|q| q.new) {
                 tracing::warn!(
-                    follower = %self.name(), collection = %self.collection, id = %q.id,
+                    follower = %self.name(), collection = %self.label, id = %q.id,
                     key = %q.key.clone().unwrap_or(Bson::Null), code = q.code, error = %q.error,
                     "the follower refused this document for good; it is quarantined (state_database.quarantine) and the pipeline goes on; fix it, then run `check --repair`"
                 );
@@ -737,11 +731,7 @@ impl Pair {
         if conflicts.is_empty() {
             return Ok(());
         }
-        let fcoll: Collection<Document> = self
-            .follower
-            .client()
-            .database(self.follower.data_db())
-            .collection(&self.collection);
+        let fcoll: Collection<Document> = self.follower.target(&self.ns);
         let models: Vec<mongodb::IndexModel> = self
             .fol(async { fcoll.list_indexes().await?.try_collect().await })
             .await?;
@@ -807,14 +797,14 @@ impl Pair {
             if blockers.is_empty() {
                 continue;
             }
-            tracing::info!(follower = %self.name(), collection = %self.collection, id = %id, blockers = blockers.len(), "rewriting stale follower documents that block a unique value, from their current source versions");
-            if let Ok(Ok(op)) = upsert_for(x, &r.key_field, r.missing_key) {
+            tracing::info!(follower = %self.name(), collection = %self.label, id = %id, blockers = blockers.len(), "rewriting stale follower documents that block a unique value, from their current source versions");
+            if let Ok(Ok(op)) = upsert_for(x, self.follower.key_field(&self.ns), r.missing_key) {
                 upserts.push(op);
             }
             for (bid, current) in blockers {
                 deletes.push(Op::Delete { id: bid.clone() });
                 if let Some(Ok(Ok(op))) =
-                    current.map(|c| upsert_for(c, &r.key_field, r.missing_key))
+                    current.map(|c| upsert_for(c, self.follower.key_field(&self.ns), r.missing_key))
                 {
                     upserts.push(op);
                 }
@@ -834,24 +824,25 @@ impl Pair {
     fn record(&self, mut cp: Checkpoint, caught_up: bool) {
         cp.write_id = self.rev().hex();
         let ct = cp.cluster_time.map(|t| t.time as i64 * 1000);
-        if self.store.advance(&self.collection, self.name(), cp) {
+        if self.store.advance(&self.label, self.name(), cp) {
             self.stats.checkpoint_moved(ct, caught_up);
         }
     }
 
     fn push_upsert(&self, doc: Document, ops: &mut Vec<Op>) -> Result<(), PairError> {
         let r = &self.config.replication;
-        match upsert_for(doc, &r.key_field, r.missing_key) {
+        let key_field = self.follower.key_field(&self.ns);
+        match upsert_for(doc, key_field, r.missing_key) {
             Ok(Ok(op)) => ops.push(op),
             // A skipped document is absent from the follower: an earlier version of it that
             // had a usable key is removed (by `_id`), instead of lingering under its old key.
             Ok(Err(Skip::MissingKey { id })) => {
-                tracing::warn!(follower = %self.name(), collection = %self.collection, id = %id, key_field = %r.key_field, "skipped a document without the key field (missing_key = \"skip\")");
+                tracing::warn!(follower = %self.name(), collection = %self.label, id = %id, key_field = %key_field, "skipped a document without the key field (missing_key = \"skip\")");
                 self.stats.skipped("missing_key");
                 ops.push(Op::Delete { id });
             }
             Ok(Err(Skip::UnusableKey { id, reason })) => {
-                tracing::warn!(follower = %self.name(), collection = %self.collection, id = %id, key_field = %r.key_field, reason, "skipped a document whose key cannot identify one follower document (missing_key = \"skip\")");
+                tracing::warn!(follower = %self.name(), collection = %self.label, id = %id, key_field = %key_field, reason, "skipped a document whose key cannot identify one follower document (missing_key = \"skip\")");
                 self.stats.skipped("unusable_key");
                 ops.push(Op::Delete { id });
             }
@@ -877,10 +868,13 @@ impl Pair {
         if degraded {
             project.insert("fullDocument", 0);
         }
-        let coll = self.coll().clone_with_type::<RawDocumentBuf>();
-        let watch = coll
+        // A database stream filtered to this collection: its tokens and the shared reader's
+        // resume each other (see [`crate::reader`]).
+        let db = self.source.database(&self.ns.db);
+        let watch = db
             .watch()
-            .pipeline([doc! {"$project": project}])
+            .pipeline([collection_filter(&self.ns.coll), doc! {"$project": project}])
+            .show_expanded_events(self.config.replication.indexes)
             .start_after(token)
             .batch_size(
                 self.stream_batch
@@ -893,7 +887,10 @@ impl Pair {
         } else {
             watch.full_document(FullDocumentType::UpdateLookup)
         };
-        let stream = self.src(watch.into_future()).await?;
+        let stream = self
+            .src(watch.into_future())
+            .await?
+            .with_type::<ChangeStreamEvent<RawDocumentBuf>>();
         self.stats.set_state(PairState::CatchingUp, None);
         let (tx, mut rx) = mpsc::channel::<Item>(self.config.replication.batch_max_docs * 2);
         // Read-ahead is bounded in bytes too: the reader takes permits (KiB) for each event
@@ -901,7 +898,16 @@ impl Pair {
         let max_bytes = self.config.replication.batch_max_bytes.as_u64() as usize;
         let budget_kib = (max_bytes / 1024).max(1) as u32;
         let budget = Arc::new(tokio::sync::Semaphore::new(budget_kib as usize));
-        let reader = tokio::spawn(read_stream(stream, tx, budget, budget_kib));
+        // A degraded read (documents re-read by `_id`) stays on its own stream.
+        let hub = self.hub.clone().filter(|_| !degraded);
+        let reader = tokio::spawn(read_stream(
+            stream,
+            tx,
+            budget,
+            budget_kib,
+            hub,
+            self.ns.coll.clone(),
+        ));
         let _abort = AbortOnDrop(reader);
 
         let max_docs = self.config.replication.batch_max_docs;
@@ -955,7 +961,6 @@ impl Pair {
             };
             match item {
                 Item::Event(ev, permit, bytes) => {
-                    let ev = *ev;
                     drop(permit);
                     batch.bytes += bytes;
                     let invalidate = ev.operation_type == OperationType::Invalidate;
@@ -988,9 +993,8 @@ impl Pair {
                         last_follower_cp = Instant::now();
                         if self.stats.quarantined() > 0 {
                             // `check --repair` may have emptied it meanwhile.
-                            self.stats.set_quarantined(
-                                self.follower.quarantine_count(&self.collection).await?,
-                            );
+                            self.stats
+                                .set_quarantined(self.follower.quarantine_count(&self.ns).await?);
                         }
                     } else {
                         // Idle: the token file keeps every post-batch token, so a quiet
@@ -1000,12 +1004,17 @@ impl Pair {
                     *backoff = BACKOFF_START;
                     if self.stats.state().0 != PairState::Streaming {
                         self.stats.set_state(PairState::Streaming, None);
-                        tracing::info!(follower = %self.name(), collection = %self.collection, "caught up; streaming");
+                        tracing::info!(follower = %self.name(), collection = %self.label, "caught up; streaming");
                     }
                 }
                 Item::Error(e) => {
                     self.flush(&mut batch, false).await?;
                     return Err(source_err(e));
+                }
+                Item::Detached(reason) => {
+                    self.flush(&mut batch, false).await?;
+                    tracing::debug!(follower = %self.name(), collection = %self.label, reason = %reason, "reading this collection's own stream again");
+                    return Err(PairError::Reopen);
                 }
             }
         }
@@ -1016,7 +1025,7 @@ impl Pair {
     async fn add_event(
         &self,
         batch: &mut Batch,
-        ev: ChangeStreamEvent<RawDocumentBuf>,
+        ev: Arc<ChangeStreamEvent<RawDocumentBuf>>,
         degraded: bool,
     ) -> Result<(), PairError> {
         let token = token_doc(&ev.id)?;
@@ -1026,8 +1035,8 @@ impl Pair {
             .or(batch.cluster_time);
         match ev.operation_type {
             OperationType::Insert | OperationType::Update | OperationType::Replace => {
-                let full = match ev.full_document {
-                    Some(raw) => Some(decode(&raw)?),
+                let full = match ev.full_document.as_ref() {
+                    Some(raw) => Some(decode(raw)?),
                     // Read without documents: the current version, by `_id` (what an
                     // update lookup returns too).
                     None if degraded => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
@@ -1081,7 +1090,7 @@ impl Pair {
             OperationType::Delete => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
                 Some(id) => batch.ops.push(Op::Delete { id: id.clone() }),
                 None => {
-                    tracing::warn!(follower = %self.name(), collection = %self.collection, "delete event without documentKey._id; skipped");
+                    tracing::warn!(follower = %self.name(), collection = %self.label, "delete event without documentKey._id; skipped");
                     self.stats.skipped("no_document_key");
                 }
             },
@@ -1096,15 +1105,15 @@ impl Pair {
                     OperationType::DropDatabase => "dropped with its database",
                     _ => match ev.to.as_ref() {
                         Some(to)
-                            if to.db == self.config.source.database
-                                && to.coll.as_deref() == Some(self.collection.as_str()) =>
+                            if to.db == self.ns.db
+                                && to.coll.as_deref() == Some(self.ns.coll.as_str()) =>
                         {
                             "replaced by a rename into its name"
                         }
                         _ => "renamed away",
                     },
                 };
-                tracing::warn!(follower = %self.name(), collection = %self.collection, op = ?ev.operation_type, "the source collection was {what}; copying it again so the follower holds what the source holds");
+                tracing::warn!(follower = %self.name(), collection = %self.label, op = ?ev.operation_type, "the source collection was {what}; copying it again so the follower holds what the source holds");
                 return Err(PairError::Resync(format!("source collection {what}")));
             }
             _ => {}
@@ -1164,35 +1173,52 @@ enum Item {
     /// An event, with the read-ahead budget it holds until it is taken into a batch, and
     /// its size (see [`event_bytes`]).
     Event(
-        Box<ChangeStreamEvent<RawDocumentBuf>>,
+        Arc<ChangeStreamEvent<RawDocumentBuf>>,
         tokio::sync::OwnedSemaphorePermit,
         usize,
     ),
     /// An empty batch: the stream's post-batch token, past everything read so far.
     Idle(ResumeToken),
     Error(mongodb::error::Error),
+    /// The shared reader let this pipeline go (see [`crate::reader`]): everything before
+    /// was delivered; reopen the pipeline's own stream from its checkpoint.
+    Detached(String),
 }
 
-/// Reads the stream into `tx` until the receiver goes away or the stream fails.
+/// Reads the pipeline's own stream into `tx`; once it has caught up, hands over to the
+/// shared reader `hub` (see [`crate::reader`] for why the handover has no gap). Ends when the
+/// receiver goes away, the stream fails, or the shared reader detaches this pipeline (then
+/// the pipeline reopens its own stream from its checkpoint).
 async fn read_stream(
     mut stream: mongodb::change_stream::ChangeStream<ChangeStreamEvent<RawDocumentBuf>>,
     tx: mpsc::Sender<Item>,
     budget: Arc<tokio::sync::Semaphore>,
     budget_kib: u32,
+    hub: Option<Arc<Hub>>,
+    coll: String,
 ) {
+    let permit = |size: usize| {
+        // One event larger than the whole budget takes all of it.
+        let kib = ((size / 1024) as u32).clamp(1, budget_kib);
+        budget.clone().acquire_many_owned(kib)
+    };
+    let mut last: Option<Timestamp> = None;
+    let mut sub: Option<crate::reader::Subscription> = None;
     loop {
-        let item = match stream.next_if_any().await {
+        let (item, caught_up) = match stream.next_if_any().await {
             Ok(Some(ev)) => {
                 let size = event_bytes(&ev);
-                // One event larger than the whole budget takes all of it.
-                let kib = ((size / 1024) as u32).clamp(1, budget_kib);
-                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+                let Ok(p) = permit(size).await else {
                     return;
                 };
-                Item::Event(Box::new(ev), permit, size)
+                last = event_time(&ev).or(last);
+                (Item::Event(Arc::new(ev), p, size), false)
             }
             Ok(None) => match stream.resume_token() {
-                Some(t) => Item::Idle(t),
+                Some(t) => {
+                    last = token_time(&t).or(last);
+                    (Item::Idle(t), true)
+                }
                 None => continue,
             },
             Err(e) => {
@@ -1206,20 +1232,49 @@ async fn read_stream(
         if !stream.is_alive() {
             return;
         }
+        if caught_up && sub.is_none() {
+            sub = hub.as_ref().and_then(|h| h.subscribe(&coll));
+        }
+        // Everything up to `last` came from our own stream, and the subscription holds
+        // everything after `from`: once `last` is past `from`, nothing falls between.
+        if let (Some(s), Some(l)) = (&sub, last) {
+            if ts_key(l) > ts_key(s.from) {
+                break;
+            }
+        }
     }
-}
-
-/// What an event holds in memory, roughly: its document, plus its document key twice (the
-/// key itself, and the resume token, which on MongoDB embeds it). A delete carries only the
-/// key, and an `_id` can be large. Computed once, by the reader; the batch counts it too.
-fn event_bytes(ev: &ChangeStreamEvent<RawDocumentBuf>) -> usize {
-    let doc = ev.full_document.as_ref().map_or(0, |d| d.as_bytes().len());
-    let key = ev
-        .document_key
-        .as_ref()
-        .and_then(|k| mongodb::bson::to_vec(k).ok())
-        .map_or(0, |v| v.len());
-    doc + 2 * key
+    drop(stream);
+    let (Some(mut sub), Some(last)) = (sub, last) else {
+        return;
+    };
+    loop {
+        let item = match sub.rx.recv().await {
+            Some(HubItem::Event(ev, size)) => {
+                sub.taken(size);
+                // Before our own stream's last cluster time: already delivered.
+                if event_time(&ev).is_some_and(|t| ts_key(t) < ts_key(last)) {
+                    continue;
+                }
+                let Ok(p) = permit(size).await else {
+                    return;
+                };
+                Item::Event(ev, p, size)
+            }
+            Some(HubItem::Idle(t)) => {
+                sub.taken(0);
+                if token_time(&t).is_some_and(|c| ts_key(c) < ts_key(last)) {
+                    continue;
+                }
+                Item::Idle(t)
+            }
+            Some(HubItem::Detached(reason)) => Item::Detached(reason),
+            None => Item::Detached("the shared reader stopped".into()),
+        };
+        let detached = matches!(item, Item::Detached(_));
+        if tx.send(item).await.is_err() || detached {
+            return;
+        }
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

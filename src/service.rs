@@ -18,7 +18,9 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
 use crate::follower::Follower;
 use crate::lease::{Authority, Lease};
+use crate::namespace::Ns;
 use crate::pipeline::{Exit, Pair};
+use crate::reader::Hubs;
 use crate::status::{LeaseView, NodeStatus};
 
 /// How long a shutting-down leader waits for the source to take its lease back.
@@ -43,7 +45,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let store = CheckpointStore::open(&config.checkpoint.token_file, &config.source.database)?;
+    let store = CheckpointStore::open(&config.checkpoint.token_file, config.scope())?;
     let source = crate::source::client(&config.source.uri, "source").await?;
     crate::source::check_source(&source, &config.source.uri).await?;
 
@@ -51,25 +53,20 @@ pub async fn run(
     let mut followers = Vec::new();
     for f in &config.followers {
         followers.push(Arc::new(
-            Follower::new(
-                f,
-                &config.source.database,
-                &config.replication,
-                config.node_id(),
-            )
-            .await?,
+            Follower::new(f, &config.replication, config.node_id()).await?,
         ));
-        for c in &config.source.collections {
-            status.pair(c, &f.name);
+        for ns in config.selection().literal() {
+            status.pair(&config.selection().label(&ns), &f.name);
         }
     }
     // A follower that answers but refuses the credentials is a configuration error, not an
     // outage: stop now with the reason rather than retry it for ever.
+    let first_db = config.selection().databases().remove(0);
     crate::source::verify_access(
         &source,
         "the source".into(),
         &config.source.uri,
-        &config.source.database,
+        &first_db,
         crate::source::SERVER_SELECTION_TIMEOUT,
     )
     .await?;
@@ -78,7 +75,7 @@ pub async fn run(
             f.client(),
             format!("follower `{}`", cfg.name),
             &cfg.uri,
-            &config.source.database,
+            cfg.target_db(&first_db),
             crate::source::SERVER_SELECTION_TIMEOUT,
         )
     }))
@@ -184,27 +181,17 @@ async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Resul
         set_own_lease_view(node, &auth);
 
         let pipes_stop = CancellationToken::new();
-        let mut pipes = JoinSet::new();
-        for f in &node.followers {
-            for c in &cfg.source.collections {
-                let pair = Pair {
-                    collection: c.clone(),
-                    follower: f.clone(),
-                    source: node.source.clone(),
-                    config: node.config.clone(),
-                    store: node.store.clone(),
-                    stats: node.status.pair(c, &f.name),
-                    authority: auth.clone(),
-                    rev: std::sync::Mutex::new(crate::follower::Rev::Absent),
-                    stream_batch: std::sync::atomic::AtomicU32::new(
-                        cfg.replication.batch_max_docs as u32,
-                    ),
-                };
-                pipes.spawn(pair.run(pipes_stop.clone()));
-            }
-        }
+        let mut pipes = Pipes {
+            set: JoinSet::new(),
+            running: std::collections::HashSet::new(),
+            hubs: Hubs::default(),
+            stop: pipes_stop.clone(),
+            auth: auth.clone(),
+        };
+        pipes.spawn_missing(node, node.config.selection().literal());
 
         let outcome = lead(node, &lease, &auth, &mut pipes, stop).await;
+        let mut pipes = pipes.set;
         if let Outcome::StepDown(reason) = &outcome {
             // Someone else may already lead: write nothing more.
             auth.revoke();
@@ -254,18 +241,104 @@ async fn lease_loop(node: &Arc<Node>, stop: &CancellationToken) -> anyhow::Resul
     }
 }
 
+/// How often the source's collections are listed, when the selection has patterns.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The pipelines of one leadership term.
+struct Pipes {
+    set: JoinSet<Exit>,
+    /// (collection, follower) pairs started.
+    running: std::collections::HashSet<(Ns, String)>,
+    hubs: Hubs,
+    stop: CancellationToken,
+    auth: Authority,
+}
+
+impl Pipes {
+    /// Starts a pipeline for every (collection, follower) pair not yet running.
+    fn spawn_missing(&mut self, node: &Arc<Node>, namespaces: Vec<Ns>) {
+        let cfg = &node.config;
+        for ns in namespaces {
+            for f in &node.followers {
+                if !self.running.insert((ns.clone(), f.name.clone())) {
+                    continue;
+                }
+                let label = cfg.selection().label(&ns);
+                let hub = self
+                    .hubs
+                    .get_or_start(&ns.db, &node.source, cfg, &self.stop);
+                let pair = Pair {
+                    stats: node.status.pair(&label, &f.name),
+                    ns: ns.clone(),
+                    label,
+                    follower: f.clone(),
+                    source: node.source.clone(),
+                    config: node.config.clone(),
+                    store: node.store.clone(),
+                    authority: self.auth.clone(),
+                    rev: std::sync::Mutex::new(crate::follower::Rev::Absent),
+                    stream_batch: std::sync::atomic::AtomicU32::new(
+                        cfg.replication.batch_max_docs as u32,
+                    ),
+                    hub: Some(hub),
+                };
+                self.set.spawn(pair.run(self.stop.clone()));
+            }
+        }
+    }
+
+    /// Lists the source's collections and starts pipelines for new matches.
+    async fn discover(&mut self, node: &Arc<Node>) {
+        match tokio::time::timeout(
+            DISCOVERY_INTERVAL,
+            node.config.selection().resolve(&node.source),
+        )
+        .await
+        {
+            Ok(Ok(namespaces)) => {
+                let before = self.running.len();
+                self.spawn_missing(node, namespaces);
+                if self.running.len() > before {
+                    tracing::info!(
+                        pipelines = self.running.len(),
+                        "new collections on the source match the selection; replicating them"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::source::describe(&e), "cannot list the source's collections; will retry")
+            }
+            Err(_) => tracing::warn!("listing the source's collections timed out; will retry"),
+        }
+    }
+}
+
 /// As leader: renew every `renew_interval` until shutdown or until the lease is lost.
 async fn lead(
     node: &Arc<Node>,
     lease: &Lease,
     auth: &Authority,
-    pipes: &mut JoinSet<Exit>,
+    pipes: &mut Pipes,
     stop: &CancellationToken,
 ) -> Outcome {
     let renew_every = node.config.lease.renew_interval;
     let mut next_renew = tokio::time::Instant::now() + renew_every;
+    // Collections created later that match the selection are picked up: on the source's
+    // `create` events (when a reader runs), and by listing every few seconds.
+    let mut discover = tokio::time::interval(DISCOVERY_INTERVAL);
+    discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let literal = node.config.selection().is_literal();
     loop {
+        let hubs = pipes.hubs.all();
+        let created = async move {
+            if hubs.is_empty() || literal {
+                return futures::future::pending().await;
+            }
+            futures::future::select_all(hubs.iter().map(|h| Box::pin(h.created.notified()))).await;
+        };
         tokio::select! {
+            _ = discover.tick(), if !literal => pipes.discover(node).await,
+            _ = created => pipes.discover(node).await,
             _ = stop.cancelled() => return Outcome::Shutdown,
             _ = tokio::time::sleep_until(auth.deadline().into()) => {
                 return Outcome::StepDown("could not renew the lease before it could expire".into());
@@ -279,7 +352,7 @@ async fn lead(
                     Err(_) => tracing::warn!("lease renewal timed out; will retry"),
                 }
             }
-            Some(res) = pipes.join_next() => match res {
+            Some(res) = pipes.set.join_next() => match res {
                 Ok(Exit::NotLeader(msg)) => return Outcome::StepDown(msg),
                 Ok(Exit::Failed(_)) | Ok(Exit::Shutdown) => {}
                 Err(e) => tracing::error!(error = %e, "pipeline task ended abnormally"),
