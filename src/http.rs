@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::check::CountReport;
-use crate::service::Node;
+use crate::node::Node;
 
 /// The most connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 64;

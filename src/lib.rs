@@ -25,6 +25,7 @@ pub mod follower;
 pub mod http;
 pub mod lease;
 pub mod namespace;
+pub mod node;
 pub mod order;
 pub mod pipeline;
 pub mod reader;

@@ -18,6 +18,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
 use crate::follower::Follower;
 use crate::lease::{Authority, Lease};
+pub use crate::node::Node;
 use crate::namespace::Ns;
 use crate::pipeline::{Exit, Pair};
 use crate::reader::Hubs;
@@ -28,15 +29,6 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the token file is written when checkpoints move.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
-
-/// Shared by the service's tasks and the HTTP handlers.
-pub struct Node {
-    pub config: Arc<Config>,
-    pub status: Arc<NodeStatus>,
-    pub source: mongodb::Client,
-    pub followers: Vec<Arc<Follower>>,
-    pub store: CheckpointStore,
-}
 
 /// Runs the service until `shutdown` completes. Errors are fatal start-up problems
 /// (unusable token file, unreachable or unsuitable source, HTTP address in use).
