@@ -114,8 +114,91 @@ pub fn render_status(r: &StatusReport) -> String {
             f.quarantined,
             f.last_error.as_deref().unwrap_or("-")
         ));
+        if let Some(c) = &f.initial_sync {
+            out.push_str(&format!("  {}\n", progress_line(c)));
+        }
     }
     out
+}
+
+/// One line of copy progress: a bar, documents and bytes, the rate and the time left.
+pub fn progress_line(c: &crate::status::CopyReport) -> String {
+    const WIDTH: usize = 24;
+    let frac = if c.total == 0 {
+        1.0
+    } else {
+        (c.done as f64 / c.total as f64).clamp(0.0, 1.0)
+    };
+    let filled = (frac * WIDTH as f64).round() as usize;
+    let eta = c
+        .eta_ms
+        .map(|ms| {
+            humantime::format_duration(std::time::Duration::from_secs((ms / 1000).max(0) as u64))
+                .to_string()
+        })
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "initial sync [{}{}] {:>5.1}%  {}/{} docs  {}/{}  {:.0} docs/s  eta {eta}",
+        "#".repeat(filled),
+        "-".repeat(WIDTH - filled),
+        frac * 100.0,
+        c.done,
+        c.total,
+        bytesize::ByteSize::b(c.bytes_done),
+        bytesize::ByteSize::b(c.bytes_total),
+        c.rate,
+    )
+}
+
+/// Pauses or resumes a follower through the node on `[http] listen`; with no node running
+/// there, records it on the source directly (every node follows it within a second).
+pub async fn set_paused(config: &Config, follower: &str, pause: bool) -> ExitCode {
+    if config.follower(follower).is_none() {
+        eprintln!("error: no follower named `{follower}` in the config");
+        return ExitCode::from(2);
+    }
+    let what = if pause { "pause" } else { "resume" };
+    let url = format!("{}/{what}/{follower}", base_url(config));
+    let mut req = http().post(&url);
+    if let Some(token) = &config.http.admin_token {
+        req = req.bearer_auth(token.expose());
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let code = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            if code.is_success() {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            eprint!("error: {text}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) if e.is_connect() => {}
+        Err(e) => {
+            eprintln!("error: {url}: {e}");
+            return ExitCode::from(3);
+        }
+    }
+    let run = async {
+        let source = crate::source::client(&config.source.uri, "source").await?;
+        crate::control::Control::new(&source, config)
+            .set_paused(follower, pause, config.node_id())
+            .await
+    };
+    match run.await {
+        Ok(()) => {
+            println!("no node answered here: recorded on the source that follower `{follower}` is {}; every node follows it within a second", if pause { "paused" } else { "resumed" });
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: could not {what} follower `{follower}`: {}",
+                crate::config::redact(&format!("{e:#}"))
+            );
+            ExitCode::from(3)
+        }
+    }
 }
 
 /// Asks the running leader to resync; with no node running, clears the follower's

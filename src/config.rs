@@ -70,7 +70,7 @@ pub struct SourceConfig {
     pub collections: Vec<String>,
     /// Collections to leave out (globs): collection names in the simple form,
     /// `database.collection` with `namespaces`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub exclude: Vec<String>,
     /// Instead of `database` + `collections`: `database.collection` entries across
     /// databases, the collection part possibly a glob (`app.*`).
@@ -1132,5 +1132,43 @@ uri = "mongodb://127.0.0.1:27018/"
     fn bad_uri_is_named() {
         let e = err(&MINIMAL.replace("mongodb://127.0.0.1:27018/", "http://nope"));
         assert!(e.contains("followers[0].uri"), "{e}");
+    }
+
+    #[test]
+    fn the_selection_keys_are_checked_and_named() {
+        let spans = MINIMAL.replace(
+            "database = \"app\"\ncollections = [\"data\"]",
+            "namespaces = [\"app.*\", \"billing.invoices\"]",
+        );
+        let c = Config::parse(&spans).unwrap();
+        assert_eq!(c.selection().databases(), vec!["app", "billing"]);
+        assert_eq!(c.scope(), "(namespaces)");
+        let both = MINIMAL.replace(
+            "collections = [\"data\"]",
+            "collections = [\"data\"]\nnamespaces = [\"app.x\"]",
+        );
+        assert!(err(&both).contains("source.namespaces"));
+        let neither = MINIMAL.replace("database = \"app\"\ncollections = [\"data\"]", "");
+        assert!(err(&neither).contains("source.database"));
+        let bad_glob = MINIMAL.replace("[\"data\"]", "[\"da[ta\"]");
+        assert!(err(&bad_glob).contains("source.collections"));
+        let mapped = format!("{spans}database = \"copy\"\n");
+        assert!(err(&mapped).contains("followers[0].database"));
+        let state_clash = MINIMAL.replace("database = \"app\"", "database = \"mongo_replicator\"");
+        assert!(err(&state_clash).contains("replication.state_database"));
+    }
+
+    #[test]
+    fn key_fields_override_per_collection() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}apply_deletes = false\n[replication]\nkey_fields = {{ orders = \"orderId\" }}\n"
+        ))
+        .unwrap();
+        let ns = |c: &str| crate::namespace::Ns::new("app", c);
+        assert_eq!(c.replication.key_field_for(&ns("orders")), "orderId");
+        assert_eq!(c.replication.key_field_for(&ns("data")), "dataId");
+        assert!(!c.followers[0].apply_deletes);
+        let bad = format!("{MINIMAL}[replication]\nkey_fields = {{ orders = \"$x\" }}\n");
+        assert!(err(&bad).contains("replication.key_fields.orders"));
     }
 }

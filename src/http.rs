@@ -63,6 +63,8 @@ pub fn router(node: Arc<Node>) -> Router {
     });
     let admin = Router::new()
         .route("/resync/{follower}", post(resync))
+        .route("/pause/{follower}", post(pause))
+        .route("/resume/{follower}", post(resume))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(healthz))
@@ -221,6 +223,48 @@ async fn sync_check(State(state): State<AppState>) -> Response {
 }
 
 /// Asks the leader to copy one follower again; its pipelines then stream as before.
+async fn pause(State(state): State<AppState>, Path(follower): Path<String>) -> Response {
+    set_paused(&state, &follower, true).await
+}
+
+async fn resume(State(state): State<AppState>, Path(follower): Path<String>) -> Response {
+    set_paused(&state, &follower, false).await
+}
+
+/// Records the pause on the source (so it holds on every node and across failovers), then
+/// applies it here at once.
+async fn set_paused(state: &AppState, follower: &str, paused: bool) -> Response {
+    let node = &state.node;
+    if node.config.follower(follower).is_none() {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no follower named `{follower}` in the config\n"),
+        )
+            .into_response();
+    }
+    let control = crate::control::Control::new(&node.source, &node.config);
+    if let Err(e) = control
+        .set_paused(follower, paused, node.config.node_id())
+        .await
+    {
+        let what = if paused { "pause" } else { "resume" };
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not {what} follower `{follower}`: {e}\n"),
+        )
+            .into_response();
+    }
+    node.status.set_paused(follower, paused);
+    let msg = if paused {
+        tracing::warn!(follower = %follower, "follower paused over HTTP");
+        format!("follower `{follower}` paused: nothing is applied to it until it is resumed; its checkpoint is kept\n")
+    } else {
+        tracing::info!(follower = %follower, "follower resumed over HTTP");
+        format!("follower `{follower}` resumed: it catches up from its checkpoint\n")
+    };
+    (StatusCode::OK, msg).into_response()
+}
+
 async fn resync(State(state): State<AppState>, Path(follower): Path<String>) -> Response {
     let node = &state.node;
     if node.config.follower(&follower).is_none() {

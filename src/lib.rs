@@ -21,6 +21,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod follower;
 pub mod http;
 pub mod lease;

@@ -51,6 +51,20 @@ enum Command {
         #[arg(long)]
         follower: String,
     },
+    /// Stop applying changes to one follower (its checkpoint is kept) until `resume`.
+    Pause {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        follower: String,
+    },
+    /// Resume a paused follower: it catches up from its checkpoint.
+    Resume {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        follower: String,
+    },
 }
 
 const EXIT_USAGE: u8 = 2;
@@ -143,6 +157,14 @@ async fn run(cli: Cli) -> ExitCode {
                 };
                 mongo_replicator::cli::resync(&config, &follower).await
             }
+            Command::Pause { config, follower } => match load(&config) {
+                Ok(config) => mongo_replicator::cli::set_paused(&config, &follower, true).await,
+                Err(code) => code,
+            },
+            Command::Resume { config, follower } => match load(&config) {
+                Ok(config) => mongo_replicator::cli::set_paused(&config, &follower, false).await,
+                Err(code) => code,
+            },
         }
     }
 }

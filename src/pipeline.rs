@@ -91,6 +91,8 @@ enum PairError {
     TooLarge(String),
     /// Reopen the stream at once (after a batch read in the degraded mode).
     Reopen,
+    /// The follower was paused: wait until it is resumed, then go on from the checkpoint.
+    Paused,
     /// The source sent a reply too large for the driver: ask for fewer events per batch.
     ReplyTooLarge(String),
     Stopped,
@@ -240,6 +242,13 @@ impl Pair {
                     continue;
                 }
                 PairError::Reopen => continue,
+                PairError::Paused => {
+                    if !self.wait_while_paused(&stop).await {
+                        self.stats.set_state(PairState::Stopped, None);
+                        return Exit::Shutdown;
+                    }
+                    continue;
+                }
                 PairError::ReplyTooLarge(msg) => {
                     let now = self.stream_batch.load(std::sync::atomic::Ordering::Relaxed);
                     let next = (now / 2).max(1);
@@ -310,6 +319,22 @@ impl Pair {
                 }
             }
         }
+    }
+
+    /// A paused pipeline waits here, in state `paused`, holding no stream and writing
+    /// nothing, until its follower is resumed (true) or the node stops leading (false).
+    async fn wait_while_paused(&self, stop: &CancellationToken) -> bool {
+        self.stats.set_shared(false);
+        self.stats.set_pending(0);
+        self.stats.set_state(PairState::Paused, None);
+        tracing::info!(follower = %self.name(), collection = %self.label, "paused; the checkpoint is kept");
+        while self.stats.is_paused() {
+            if !sleep_or_stop(stop, Duration::from_millis(100)).await {
+                return false;
+            }
+        }
+        tracing::info!(follower = %self.name(), collection = %self.label, "resumed; catching up from the checkpoint");
+        true
     }
 
     /// A stopped pipeline waits here, in state `stopped`, until a resync is requested (true)
@@ -417,6 +442,9 @@ impl Pair {
         degraded: bool,
     ) -> Result<(), PairError> {
         self.check_authority()?;
+        if self.stats.is_paused() {
+            return Err(PairError::Paused);
+        }
         let term = self.authority.term();
         // First end the transactions that killed or stale writers of this pipeline left
         // open (they hold its fence, and the fence write below would wait for them), then
@@ -497,6 +525,9 @@ impl Pair {
         let total = self
             .src(coll.count_documents(filter.clone()).into_future())
             .await?;
+        let bytes_total = self.source_bytes(total).await;
+        self.stats.copy_started(0, total, 0, bytes_total);
+        let _ended = OnDrop(|| self.stats.copy_ended());
         tracing::info!(follower = %self.name(), collection = %self.label, total, resumed = after != Bson::Null, "initial sync: copying documents");
         let mut cursor = self
             .src(
@@ -514,6 +545,7 @@ impl Pair {
         let started = Instant::now();
         let mut last_log = Instant::now();
         let mut done: u64 = 0;
+        let mut bytes_done: u64 = 0;
         let mut ops = Vec::new();
         let mut bytes = 0usize;
         let max = self.config.replication.batch_max_docs;
@@ -523,6 +555,7 @@ impl Pair {
             let finished = next.is_none();
             if let Some(raw) = next {
                 bytes += raw.as_bytes().len();
+                bytes_done += raw.as_bytes().len() as u64;
                 let doc = decode(&raw)?;
                 let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
                 if let Err(e) = self.push_upsert(doc, &mut ops) {
@@ -540,8 +573,11 @@ impl Pair {
                     tracing::info!(follower = %self.name(), collection = %self.label, done, "initial sync interrupted by shutdown; it resumes where it stopped");
                     return Err(PairError::Stopped);
                 }
+                if self.stats.is_paused() {
+                    return Err(PairError::Paused);
+                }
             }
-            self.stats.copy_progress(done, total);
+            self.stats.copy_progress(done, bytes_done);
             if last_log.elapsed() >= Duration::from_secs(2) || finished {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 tracing::info!(
@@ -555,12 +591,41 @@ impl Pair {
                 break;
             }
         }
-        let removed = self.remove_extras(&base, &after).await?;
+        // An archive follower keeps documents the source no longer has.
+        let removed = if self.follower.applies_deletes() {
+            self.remove_extras(&base, &after).await?
+        } else {
+            0
+        };
         let mut cp = base;
         cp.copy_after = None;
         self.commit(Vec::new(), cp.clone(), 0, false).await?;
         tracing::info!(follower = %self.name(), collection = %self.label, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
         Ok(cp)
+    }
+
+    /// The bytes of documents a copy of `remaining` documents reads, from the source's
+    /// collection statistics (0 when the source does not say).
+    async fn source_bytes(&self, remaining: u64) -> u64 {
+        let stats = async {
+            let mut cur = self
+                .coll()
+                .aggregate([doc! {"$collStats": {"storageStats": {}}}])
+                .await?;
+            cur.try_next().await
+        };
+        let Ok(Ok(Some(d))) = tokio::time::timeout(Duration::from_secs(5), stats).await else {
+            return 0;
+        };
+        let s = d.get_document("storageStats").ok();
+        let get = |k: &str| s.and_then(|s| s.get(k)).and_then(crate::follower::bson_i64);
+        match (get("size"), get("count")) {
+            (Some(size), Some(count)) if count > 0 => {
+                (size.max(0) as u128 * remaining.min(count as u64) as u128 / count as u128) as u64
+            }
+            (Some(size), _) => size.max(0) as u64,
+            _ => 0,
+        }
     }
 
     /// Applies the copied documents in `ops` (if any), recording that the copy has reached
@@ -907,6 +972,7 @@ impl Pair {
             budget_kib,
             hub,
             self.ns.coll.clone(),
+            self.stats.clone(),
         ));
         let _abort = AbortOnDrop(reader);
 
@@ -923,6 +989,11 @@ impl Pair {
             if self.stats.take_resync_request() {
                 self.flush(&mut batch, false).await?;
                 return Err(PairError::Resync("resync requested".into()));
+            }
+            if self.stats.is_paused() {
+                // Apply and acknowledge what was read, then hold.
+                self.flush(&mut batch, false).await?;
+                return Err(PairError::Paused);
             }
             let item = if batch.events == 0 {
                 tokio::select! {
@@ -1087,6 +1158,10 @@ impl Pair {
                     None => self.stats.skipped("gone"),
                 }
             }
+            OperationType::Delete if !self.follower.applies_deletes() => {
+                // An archive follower keeps what the source deletes.
+                self.stats.skipped("archived");
+            }
             OperationType::Delete => match ev.document_key.as_ref().and_then(|k| k.get("_id")) {
                 Some(id) => batch.ops.push(Op::Delete { id: id.clone() }),
                 None => {
@@ -1196,6 +1271,7 @@ async fn read_stream(
     budget_kib: u32,
     hub: Option<Arc<Hub>>,
     coll: String,
+    stats: Arc<PairStats>,
 ) {
     let permit = |size: usize| {
         // One event larger than the whole budget takes all of it.
@@ -1247,6 +1323,8 @@ async fn read_stream(
     let (Some(mut sub), Some(last)) = (sub, last) else {
         return;
     };
+    stats.set_shared(true);
+    let _own_again = OnDrop(|| stats.set_shared(false));
     loop {
         let item = match sub.rx.recv().await {
             Some(HubItem::Event(ev, size)) => {
@@ -1274,6 +1352,15 @@ async fn read_stream(
         if tx.send(item).await.is_err() || detached {
             return;
         }
+    }
+}
+
+/// Runs a closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 

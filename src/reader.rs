@@ -137,8 +137,8 @@ pub struct Hub {
     stop: CancellationToken,
     /// Woken when a collection is created in the database.
     pub created: tokio::sync::Notify,
-    /// Events read from the source (for the metrics and the tests).
-    pub events_read: std::sync::atomic::AtomicU64,
+    /// Events read from the source.
+    events_read: prometheus::IntCounter,
 }
 
 /// A pipeline's subscription; dropping it unsubscribes.
@@ -172,6 +172,7 @@ impl Hub {
         db: &str,
         source: Client,
         config: &crate::config::Config,
+        metrics: &crate::status::Metrics,
         stop: CancellationToken,
     ) -> Arc<Hub> {
         let r = &config.replication;
@@ -191,7 +192,7 @@ impl Hub {
             }),
             stop,
             created: tokio::sync::Notify::new(),
-            events_read: std::sync::atomic::AtomicU64::new(0),
+            events_read: metrics.source_events.with_label_values(&[db]),
         })
     }
 
@@ -291,7 +292,7 @@ impl Hub {
                 Err(_) => return Err("the source's change stream gave nothing for 30s".into()),
                 Ok(Err(e)) => return Err(crate::source::describe(&e)),
                 Ok(Ok(Some(ev))) => {
-                    self.events_read.fetch_add(1, Ordering::Relaxed);
+                    self.events_read.inc();
                     let Some(t) = event_time(&ev) else {
                         return Err("an event without a cluster time".into());
                     };
@@ -370,13 +371,14 @@ impl Hubs {
         db: &str,
         source: &Client,
         config: &crate::config::Config,
+        metrics: &crate::status::Metrics,
         stop: &CancellationToken,
     ) -> Arc<Hub> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(db.to_string())
-            .or_insert_with(|| Hub::new(db, source.clone(), config, stop.clone()))
+            .or_insert_with(|| Hub::new(db, source.clone(), config, metrics, stop.clone()))
             .clone()
     }
 

@@ -18,8 +18,8 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
 use crate::follower::Follower;
 use crate::lease::{Authority, Lease};
-pub use crate::node::Node;
 use crate::namespace::Ns;
+pub use crate::node::Node;
 use crate::pipeline::{Exit, Pair};
 use crate::reader::Hubs;
 use crate::status::{LeaseView, NodeStatus};
@@ -107,9 +107,31 @@ pub async fn run(
         });
     }
 
+    // Pauses in force are known before this node may lead.
+    match crate::control::Control::new(&source, &config)
+        .paused()
+        .await
+    {
+        Ok(paused) => {
+            for f in &paused {
+                status.set_paused(f, true);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the pause controls on the source yet"),
+    }
     let headroom = tokio::spawn(watch_headroom(node.clone(), stop.clone()));
+    let controls = {
+        let node = node.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            crate::control::Control::new(&node.source, &node.config)
+                .follow(&node.config, &node.status, stop)
+                .await
+        })
+    };
     let result = lease_loop(&node, &stop).await;
     headroom.abort();
+    controls.abort();
 
     flush_stop.cancel();
     let _ = flusher.await;
@@ -256,9 +278,13 @@ impl Pipes {
                     continue;
                 }
                 let label = cfg.selection().label(&ns);
-                let hub = self
-                    .hubs
-                    .get_or_start(&ns.db, &node.source, cfg, &self.stop);
+                let hub = self.hubs.get_or_start(
+                    &ns.db,
+                    &node.source,
+                    cfg,
+                    &node.status.metrics,
+                    &self.stop,
+                );
                 let pair = Pair {
                     stats: node.status.pair(&label, &f.name),
                     ns: ns.clone(),

@@ -20,6 +20,8 @@ pub enum PairState {
     InitialSync,
     Streaming,
     CatchingUp,
+    /// Paused by `POST /pause/{follower}`: nothing is applied, the checkpoint is kept.
+    Paused,
     Down,
     Stopped,
 }
@@ -31,8 +33,9 @@ impl PairState {
             PairState::Streaming => 0,
             PairState::CatchingUp => 1,
             PairState::InitialSync => 2,
-            PairState::Down => 3,
-            PairState::Stopped => 4,
+            PairState::Paused => 3,
+            PairState::Down => 4,
+            PairState::Stopped => 5,
         }
     }
 }
@@ -58,10 +61,129 @@ pub struct PairStats {
     pending: AtomicU64,
     /// Documents of this collection quarantined on this follower (see `follower`).
     quarantined: AtomicU64,
+    /// Shared by the pairs of one follower: set while the follower is paused.
+    paused: Arc<AtomicBool>,
+    /// True while the pipeline takes its events from the shared reader of its database.
+    shared: AtomicBool,
+    /// The running copy, if one runs.
+    copy: Mutex<Option<Copy>>,
     metrics: Arc<Metrics>,
 }
 
+/// Progress of a running initial sync.
+#[derive(Debug, Clone)]
+struct Copy {
+    done: u64,
+    total: u64,
+    bytes_done: u64,
+    bytes_total: u64,
+    started: std::time::Instant,
+}
+
+/// Progress of an initial sync, as `/status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CopyReport {
+    /// Documents copied, and to copy (the source's count when the copy began).
+    pub done: u64,
+    pub total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Documents per second since the copy began.
+    pub rate: f64,
+    /// Estimated milliseconds left; `None` until a rate is known.
+    pub eta_ms: Option<i64>,
+}
+
+impl CopyReport {
+    fn add(&mut self, o: &CopyReport) {
+        self.done += o.done;
+        self.total += o.total;
+        self.bytes_done += o.bytes_done;
+        self.bytes_total += o.bytes_total;
+        self.rate += o.rate;
+        self.eta_ms = match (self.eta_ms, o.eta_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 impl PairStats {
+    /// Whether the follower is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Whether the pipeline reads from the shared reader now.
+    pub fn set_shared(&self, shared: bool) {
+        self.shared.store(shared, Ordering::Relaxed);
+        self.metrics
+            .shared
+            .with_label_values(&[self.follower.as_str(), self.collection.as_str()])
+            .set(shared as i64);
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
+    }
+
+    /// A copy begins: `total` documents of `bytes_total` bytes (the source's figures now).
+    pub fn copy_started(&self, done: u64, total: u64, bytes_done: u64, bytes_total: u64) {
+        *self.copy.lock().unwrap_or_else(|e| e.into_inner()) = Some(Copy {
+            done,
+            total,
+            bytes_done,
+            bytes_total,
+            started: std::time::Instant::now(),
+        });
+        self.copy_gauges(done, total, bytes_done, bytes_total);
+    }
+
+    /// The copy ended (finished or interrupted).
+    pub fn copy_ended(&self) {
+        *self.copy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let labels = [self.follower.as_str(), self.collection.as_str()];
+        let _ = self.metrics.copy_eta.remove_label_values(&labels);
+    }
+
+    fn copy_gauges(&self, done: u64, total: u64, bytes_done: u64, bytes_total: u64) {
+        let labels = [self.follower.as_str(), self.collection.as_str()];
+        let m = &self.metrics;
+        m.copy_done.with_label_values(&labels).set(done as i64);
+        m.copy_total.with_label_values(&labels).set(total as i64);
+        m.copy_bytes_done
+            .with_label_values(&labels)
+            .set(bytes_done as i64);
+        m.copy_bytes_total
+            .with_label_values(&labels)
+            .set(bytes_total as i64);
+    }
+
+    /// The running copy's progress, with its rate and estimated time left.
+    pub fn copy_report(&self) -> Option<CopyReport> {
+        let c = self
+            .copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let secs = c.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            c.done as f64 / secs
+        } else {
+            0.0
+        };
+        let eta_ms = (rate > 0.0)
+            .then(|| (c.total.saturating_sub(c.done) as f64 / rate * 1000.0).round() as i64);
+        Some(CopyReport {
+            done: c.done,
+            total: c.total.max(c.done),
+            bytes_done: c.bytes_done,
+            bytes_total: c.bytes_total.max(c.bytes_done),
+            rate: (rate * 10.0).round() / 10.0,
+            eta_ms,
+        })
+    }
+
     pub fn set_state(&self, state: PairState, error: Option<String>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // A plain stop keeps the reason it had (a fatal error stays visible); any other
@@ -124,17 +246,21 @@ impl PairStats {
             .inc();
     }
 
-    /// Progress of an initial sync: `done` of `total` documents copied.
-    pub fn copy_progress(&self, done: u64, total: u64) {
-        let labels = [self.follower.as_str(), self.collection.as_str()];
-        self.metrics
-            .copy_done
-            .with_label_values(&labels)
-            .set(done as i64);
-        self.metrics
-            .copy_total
-            .with_label_values(&labels)
-            .set(total as i64);
+    /// Progress of an initial sync: `done` documents and `bytes_done` bytes copied.
+    pub fn copy_progress(&self, done: u64, bytes_done: u64) {
+        let mut g = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = g.as_mut() else { return };
+        c.done = done;
+        c.bytes_done = bytes_done;
+        let (total, bytes_total) = (c.total.max(done), c.bytes_total.max(bytes_done));
+        drop(g);
+        self.copy_gauges(done, total, bytes_done, bytes_total);
+        if let Some(eta) = self.copy_report().and_then(|r| r.eta_ms) {
+            self.metrics
+                .copy_eta
+                .with_label_values(&[self.follower.as_str(), self.collection.as_str()])
+                .set(eta as f64 / 1000.0);
+        }
     }
 
     /// The number of quarantined documents, as read from the follower.
@@ -269,6 +395,13 @@ pub struct Metrics {
     quarantined_total: IntCounterVec,
     copy_done: IntGaugeVec,
     copy_total: IntGaugeVec,
+    copy_bytes_done: IntGaugeVec,
+    copy_bytes_total: IntGaugeVec,
+    copy_eta: GaugeVec,
+    shared: IntGaugeVec,
+    paused: IntGaugeVec,
+    /// Events the shared readers took from the source, per database.
+    pub source_events: IntCounterVec,
     role: IntGauge,
     term: IntGauge,
 }
@@ -401,6 +534,54 @@ impl Metrics {
             fc,
         )
         .expect("metric");
+        let copy_bytes_done = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_initial_sync_done_bytes",
+                "Bytes of documents copied so far by the running (or last) initial sync",
+            ),
+            fc,
+        )
+        .expect("metric");
+        let copy_bytes_total = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_initial_sync_total_bytes",
+                "Bytes of documents the running (or last) initial sync has to copy",
+            ),
+            fc,
+        )
+        .expect("metric");
+        let copy_eta = GaugeVec::new(
+            Opts::new(
+                "mongo_replicator_initial_sync_eta_seconds",
+                "Estimated time left of the running initial sync",
+            ),
+            fc,
+        )
+        .expect("metric");
+        let shared = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_shared_reader",
+                "1 while the pipeline takes its events from the shared reader of its database (0: its own stream, catching up)",
+            ),
+            fc,
+        )
+        .expect("metric");
+        let paused = IntGaugeVec::new(
+            Opts::new(
+                "mongo_replicator_follower_paused",
+                "1 while the follower is paused",
+            ),
+            &["follower"],
+        )
+        .expect("metric");
+        let source_events = IntCounterVec::new(
+            Opts::new(
+                "mongo_replicator_source_events_read_total",
+                "Change events the shared readers read from the source, per database (each read once, whatever the number of followers)",
+            ),
+            &["database"],
+        )
+        .expect("metric");
         let role = IntGauge::new(
             "mongo_replicator_leader",
             "1 when this node holds the lease",
@@ -424,6 +605,12 @@ impl Metrics {
             Box::new(quarantined_total.clone()),
             Box::new(copy_done.clone()),
             Box::new(copy_total.clone()),
+            Box::new(copy_bytes_done.clone()),
+            Box::new(copy_bytes_total.clone()),
+            Box::new(copy_eta.clone()),
+            Box::new(shared.clone()),
+            Box::new(paused.clone()),
+            Box::new(source_events.clone()),
             Box::new(role.clone()),
             Box::new(term.clone()),
         ] {
@@ -446,6 +633,12 @@ impl Metrics {
             quarantined_total,
             copy_done,
             copy_total,
+            copy_bytes_done,
+            copy_bytes_total,
+            copy_eta,
+            shared,
+            paused,
+            source_events,
             role,
             term,
         }
@@ -467,6 +660,8 @@ pub struct NodeStatus {
     term: AtomicI64,
     lease: Mutex<LeaseView>,
     pairs: Mutex<Vec<Arc<PairStats>>>,
+    /// Per follower, whether it is paused (shared with its pairs).
+    paused: Mutex<std::collections::HashMap<String, Arc<AtomicBool>>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -483,6 +678,11 @@ pub struct FollowerReport {
     pub last_error: Option<String>,
     /// Documents this follower refused for good (see `replication.on_rejected`).
     pub quarantined: u64,
+    /// Set while the follower is paused (`POST /pause/{follower}`).
+    pub paused: bool,
+    /// During a copy: its progress, summed over the collections being copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_sync: Option<CopyReport>,
     pub collections: Vec<CollectionReport>,
 }
 
@@ -499,6 +699,14 @@ pub struct CollectionReport {
     pub oplog_headroom_ms: Option<i64>,
     pub last_error: Option<String>,
     pub quarantined: u64,
+    /// `shared` while the pipeline takes its events from its database's shared reader,
+    /// `own` while it reads its own stream (catching up).
+    #[serde(default)]
+    pub reader: String,
+    /// During a copy: documents and bytes done and to do, the rate, and an estimate of the
+    /// time left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_sync: Option<CopyReport>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -518,6 +726,7 @@ impl NodeStatus {
             term: AtomicI64::new(0),
             lease: Mutex::new(LeaseView::default()),
             pairs: Mutex::new(Vec::new()),
+            paused: Mutex::new(Default::default()),
             metrics: Arc::new(Metrics::new()),
         })
     }
@@ -543,6 +752,9 @@ impl NodeStatus {
             headroom_ms: AtomicI64::new(i64::MIN),
             pending: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
+            paused: self.paused_flag(follower),
+            shared: AtomicBool::new(false),
+            copy: Mutex::new(None),
             metrics: self.metrics.clone(),
         });
         p.set_state(
@@ -560,11 +772,40 @@ impl NodeStatus {
         m.pending.with_label_values(&labels);
         m.copy_done.with_label_values(&labels);
         m.copy_total.with_label_values(&labels);
+        m.copy_bytes_done.with_label_values(&labels);
+        m.copy_bytes_total.with_label_values(&labels);
+        m.shared.with_label_values(&labels);
         for reason in ["missing_key", "unusable_key", "duplicate_key", "gone"] {
             m.skipped.with_label_values(&[follower, collection, reason]);
         }
         pairs.push(p.clone());
         p
+    }
+
+    fn paused_flag(&self, follower: &str) -> Arc<AtomicBool> {
+        self.paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(follower.to_string())
+            .or_insert_with(|| {
+                self.metrics.paused.with_label_values(&[follower]).set(0);
+                Arc::new(AtomicBool::new(false))
+            })
+            .clone()
+    }
+
+    /// Pauses or resumes a follower; returns whether that changed anything.
+    pub fn set_paused(&self, follower: &str, paused: bool) -> bool {
+        let before = self.paused_flag(follower).swap(paused, Ordering::SeqCst);
+        self.metrics
+            .paused
+            .with_label_values(&[follower])
+            .set(paused as i64);
+        before != paused
+    }
+
+    pub fn is_paused(&self, follower: &str) -> bool {
+        self.paused_flag(follower).load(Ordering::SeqCst)
     }
 
     pub fn pairs(&self) -> Vec<Arc<PairStats>> {
@@ -600,6 +841,8 @@ impl NodeStatus {
                 oplog_headroom_ms: p.headroom_ms(),
                 last_error,
                 quarantined: p.quarantined(),
+                reader: if p.is_shared() { "shared" } else { "own" }.to_string(),
+                initial_sync: p.copy_report(),
             };
             let f = match followers.iter_mut().find(|f| f.name == p.follower) {
                 Some(f) => f,
@@ -614,6 +857,8 @@ impl NodeStatus {
                         oplog_headroom_ms: c.oplog_headroom_ms,
                         last_error: None,
                         quarantined: 0,
+                        paused: p.is_paused(),
+                        initial_sync: None,
                         collections: Vec::new(),
                     });
                     followers.last_mut().expect("just pushed")
@@ -624,6 +869,11 @@ impl NodeStatus {
             }
             f.applied_events += c.applied_events;
             f.quarantined += c.quarantined;
+            if let Some(r) = &c.initial_sync {
+                f.initial_sync
+                    .get_or_insert_with(CopyReport::default)
+                    .add(r);
+            }
             f.lag_events += c.lag_events;
             f.lag_ms = max_opt(f.lag_ms, c.lag_ms);
             f.checkpoint_age_ms = max_opt(f.checkpoint_age_ms, c.checkpoint_age_ms);

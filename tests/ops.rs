@@ -260,6 +260,10 @@ fn key_paths(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
                     format!("{prefix}.{k}")
                 };
                 match v {
+                    // A map whose keys are the user's (collection names).
+                    toml::Value::Table(_) if k == "key_fields" => {
+                        out.insert(p);
+                    }
                     toml::Value::Table(_) => key_paths(&p, v, out),
                     toml::Value::Array(a) if a.iter().all(|x| x.is_table()) && !a.is_empty() => {
                         key_paths(&format!("{p}[]"), &a[0], out)
@@ -311,6 +315,10 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
         &follower_uri_file,
     );
     set(&mut optional["http"], "admin_token_file", &token_file);
+    optional["followers"][0]
+        .as_table_mut()
+        .unwrap()
+        .insert("database".into(), toml::Value::String("mirror".into()));
     let optional = mongo_replicator::config::Config::parse(
         &toml::to_string(&optional)
             .unwrap()
@@ -323,6 +331,17 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
         &toml::Value::try_from(&optional).unwrap(),
         &mut code_keys,
     );
+    // The namespace form, which replaces `database` and `collections`.
+    let mut spans = toml::Value::try_from(&config).unwrap();
+    let src = spans["source"].as_table_mut().unwrap();
+    src.remove("database");
+    src.remove("collections");
+    src.insert(
+        "namespaces".into(),
+        toml::Value::Array(vec![toml::Value::String("app.*".into())]),
+    );
+    let spans = mongo_replicator::config::Config::parse(&toml::to_string(&spans).unwrap()).unwrap();
+    key_paths("", &toml::Value::try_from(&spans).unwrap(), &mut code_keys);
     // The documented keys: the first column of the README's config reference table.
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
     let section = readme.split("## Config reference").nth(1).unwrap();
@@ -347,6 +366,8 @@ fn the_config_reference_documents_every_key_and_nothing_else() {
         "source.uri_file",
         "followers[].uri_file",
         "http.admin_token_file",
+        "source.namespaces",
+        "followers[].database",
     ] {
         shown.remove(k);
         assert!(

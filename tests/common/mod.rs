@@ -507,6 +507,11 @@ pub struct ConfigBuilder {
     pub http_extra: String,
     /// Followers that read their URI from a file instead: (name, file).
     pub uri_files: Vec<(String, PathBuf)>,
+    /// Lines added to the `[source]` table (with no `collections`, the table has no
+    /// `database` either: for `namespaces`).
+    pub source_extra: String,
+    /// Lines added to one follower's table: (name, lines).
+    pub follower_lines: Vec<(String, String)>,
 }
 
 impl ConfigBuilder {
@@ -526,7 +531,15 @@ impl ConfigBuilder {
             http_host: "127.0.0.1".into(),
             http_extra: String::new(),
             uri_files: Vec::new(),
+            source_extra: String::new(),
+            follower_lines: Vec::new(),
         }
+    }
+
+    /// Adds lines to the table of follower `name` (`f1`, `f2`, ...).
+    pub fn follower_line(mut self, name: &str, lines: &str) -> Self {
+        self.follower_lines.push((name.into(), lines.into()));
+        self
     }
 
     /// Appends raw TOML (for `[replication]` keys, say).
@@ -542,18 +555,32 @@ impl ConfigBuilder {
             .iter()
             .map(|c| format!("\"{c}\""))
             .collect();
-        let mut s = format!(
-            "[source]\nuri = \"{}\"\ndatabase = \"app\"\ncollections = [{}]\n\n",
-            self.source,
-            colls.join(", ")
-        );
+        let mut s = if self.collections.is_empty() {
+            format!(
+                "[source]\nuri = \"{}\"\n{}\n\n",
+                self.source, self.source_extra
+            )
+        } else {
+            format!(
+                "[source]\nuri = \"{}\"\ndatabase = \"app\"\ncollections = [{}]\n{}\n\n",
+                self.source,
+                colls.join(", "),
+                self.source_extra
+            )
+        };
         for (name, uri) in &self.followers {
             let uri_line = match self.uri_files.iter().find(|(n, _)| n == name) {
                 Some((_, file)) => format!("uri_file = \"{}\"", file.display()),
                 None => format!("uri = \"{uri}\""),
             };
+            let own: String = self
+                .follower_lines
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect();
             s.push_str(&format!(
-                "[[followers]]\nname = \"{name}\"\n{uri_line}\n{}\n",
+                "[[followers]]\nname = \"{name}\"\n{uri_line}\n{}\n{own}\n",
                 self.follower_extra
             ));
         }
