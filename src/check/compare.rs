@@ -19,6 +19,8 @@ pub(super) struct Checker {
     pub(super) fol: Collection<Document>,
     pub(super) key: String,
     pub(super) missing_key: crate::config::MissingKey,
+    /// False for an archive follower: documents only it has are kept, not differences.
+    pub(super) apply_deletes: bool,
     pub(super) state_db: String,
     pub(super) args: CheckArgs,
     pub(super) label: String,
@@ -126,6 +128,7 @@ impl Checker {
         let mut report = PairReport {
             collection: coll.to_string(),
             follower: follower.to_string(),
+            archive: !self.apply_deletes,
             ..Default::default()
         };
         tracing::debug!(pair = %self.label, "counting documents");
@@ -228,6 +231,10 @@ impl Checker {
             self.diff_streams(&mut s, &mut f, &mut diffs).await?;
         }
 
+        // An archive follower keeps what the source deleted.
+        if !self.apply_deletes {
+            diffs.retain(|d| d.kind != Kind::Extra);
+        }
         // Recheck what differs, to drop changes that were only in flight.
         let mut keys_seen = std::collections::HashSet::new();
         diffs.retain(|d| keys_seen.insert(key_bytes(&d.key)));
@@ -332,6 +339,9 @@ impl Checker {
 
     /// Compares one key on both sides now; `None` when they agree.
     pub(super) fn compare(&self, s: &[RawDocumentBuf], f: &[RawDocumentBuf]) -> Option<Kind> {
+        if !self.apply_deletes {
+            return self.compare_archive(s, f);
+        }
         match (s.len(), f.len()) {
             (0, 0) => None,
             (_, 0) => Some(Kind::Missing),
@@ -345,6 +355,21 @@ impl Checker {
                 }
             }
         }
+    }
+
+    /// For an archive follower: each source document is on the follower, as it is (by
+    /// `_id`); the follower's other documents of the key are ones the source deleted.
+    fn compare_archive(&self, s: &[RawDocumentBuf], f: &[RawDocumentBuf]) -> Option<Kind> {
+        let id = |d: &RawDocumentBuf| d.get("_id").ok().flatten().map(|v| v.to_raw_bson());
+        let mut out = None;
+        for x in s {
+            match f.iter().find(|y| id(y) == id(x)) {
+                None => return Some(Kind::Missing),
+                Some(y) if !self.same(x, y) => out = Some(Kind::Different),
+                Some(_) => {}
+            }
+        }
+        out
     }
 }
 

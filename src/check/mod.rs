@@ -17,10 +17,17 @@
 //!    up again on both sides after `--recheck-delay`, up to `--recheck-rounds` times; only
 //!    differences that persist are reported.
 //!
+//! 5. **Metadata.** The collection's options and index definitions are compared too
+//!    ([`crate::meta`]); the replicator's own key index on the follower is not a difference.
+//!
 //! `--repair` then rewrites each differing key from the source's current document (or
 //! deletes it), and checks again; it repeats while writes race it, a bounded number of
 //! times. It never writes a source document older than the one it just read, and the final
-//! check proves the result.
+//! check proves the result. Options and indexes are repaired in place (`collMod`, index
+//! builds); what cannot change in place (capped, collation, ...) is reported as not fixed.
+//!
+//! An archive follower (`apply_deletes = false`) keeps documents the source deleted: for
+//! it, documents only the follower has are not differences, and repair never deletes them.
 //!
 //! Layout: this file has the entry points and the report types; `compare` the hashed
 //! ranges and the merge; `recheck` the recheck of differing keys; `repair` the rewrites and
@@ -29,6 +36,7 @@
 
 mod compare;
 mod counts;
+mod metadata;
 mod recheck;
 mod render;
 mod repair;
@@ -129,9 +137,30 @@ pub struct PairReport {
     pub quarantined: u64,
     /// Their keys (or `_id`s for documents without a key), with the follower's error.
     pub samples_quarantined: Vec<String>,
+    /// An archive follower (`apply_deletes = false`): documents only it has are not
+    /// differences (they are not counted in `extra`).
+    pub archive: bool,
+    /// Index definitions that differ: missing, extra or different on the follower (the
+    /// replicator's own key index aside).
+    pub index_differences: u64,
+    /// Collection options that differ, or the collection missing on the follower.
+    pub option_differences: u64,
+    /// Each index or option difference.
+    pub metadata: Vec<MetaRow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repaired: Option<RepairReport>,
     pub seconds: f64,
+}
+
+/// One difference of indexes or collection options.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetaRow {
+    /// `index` or `options`.
+    pub kind: String,
+    /// The index's or option's name (empty for the collection itself).
+    pub name: String,
+    /// What differs, one line.
+    pub difference: String,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -143,10 +172,20 @@ pub struct RepairReport {
     pub quarantine_cleared: u64,
     /// Quarantined documents the follower still refuses.
     pub quarantine_refused: u64,
+    /// Index and option changes made on the follower.
+    pub metadata_changed: Vec<String>,
+    /// Index and option differences left, with the reason (cannot change in place, or the
+    /// follower's error, say a unique index over duplicate follower data).
+    pub metadata_unfixed: Vec<String>,
 }
 
 impl PairReport {
     pub fn consistent(&self) -> bool {
+        self.documents_consistent() && self.index_differences == 0 && self.option_differences == 0
+    }
+
+    /// The documents agree (whatever the indexes and options).
+    pub fn documents_consistent(&self) -> bool {
         self.missing == 0 && self.extra == 0 && self.different == 0 && self.quarantined == 0
     }
 }
@@ -260,29 +299,55 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                 fol: f.target(ns),
                 key: f.key_field(ns).to_string(),
                 missing_key: config.replication.missing_key,
+                apply_deletes: f.applies_deletes(),
                 state_db: config.replication.state_database.clone(),
                 args: args.clone(),
                 label: format!("{coll} -> {}", f.name),
             };
+            let meta = metadata::Pair {
+                source: source.database(&ns.db),
+                follower: f.client().database(f.target_db(ns)),
+                coll: &ns.coll,
+                key: f.key_field(ns),
+            };
             let (mut report, mut keys) = checker.check(coll, &f.name).await?;
-            if args.repair && !report.consistent() {
+            let meta_diffs = meta.compare().await?;
+            if args.repair && (!report.documents_consistent() || !meta_diffs.is_empty()) {
                 // Writes may race the repair (the replicator runs on); each round rewrites
                 // what still differs from the source's current documents, then checks.
                 let mut total = RepairReport::default();
+                // Options before documents (a follower's stricter validator would refuse
+                // the source's documents), and indexes again after them (a unique index
+                // over duplicates builds once the documents are the source's).
+                let mut not_fixed = metadata::NotFixed::default();
+                if !meta_diffs.is_empty() {
+                    not_fixed = meta.repair(&mut total).await?;
+                }
                 if report.quarantined > 0 {
                     checker.repair_quarantine(&mut total).await?;
                 }
-                for round in 1..=3 {
-                    let r = checker.repair(&keys).await?;
-                    total.upserted += r.upserted;
-                    total.deleted += r.deleted;
-                    total.rounds = round;
-                    (report, keys) = checker.check(coll, &f.name).await?;
-                    if report.consistent() {
-                        break;
+                if !report.documents_consistent() {
+                    for round in 1..=3 {
+                        let r = checker.repair(&keys).await?;
+                        total.upserted += r.upserted;
+                        total.deleted += r.deleted;
+                        total.rounds = round;
+                        (report, keys) = checker.check(coll, &f.name).await?;
+                        if report.documents_consistent() {
+                            break;
+                        }
                     }
                 }
+                let mut left = meta.compare().await?;
+                if !left.is_empty() && !meta_diffs.is_empty() {
+                    not_fixed = meta.repair(&mut total).await?;
+                    left = meta.compare().await?;
+                }
+                not_fixed.explain(&mut total, &left);
+                metadata::fill(&mut report, &left);
                 report.repaired = Some(total);
+            } else {
+                metadata::fill(&mut report, &meta_diffs);
             }
             pairs.push(report);
         }

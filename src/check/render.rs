@@ -57,7 +57,7 @@ pub fn write_metrics_file(path: &std::path::Path, report: Option<&Report>) -> st
     let diffs = GaugeVec::new(
         Opts::new(
             "mongo_replicator_check_differences",
-            "Documents that differed in the last check, per collection, follower and kind (missing, extra, different, quarantined).",
+            "What differed in the last check, per collection, follower and kind: documents (missing, extra, different, quarantined), index definitions (index) and collection options (options).",
         ),
         &["collection", "follower", "kind"],
     )
@@ -68,6 +68,8 @@ pub fn write_metrics_file(path: &std::path::Path, report: Option<&Report>) -> st
             ("extra", p.extra),
             ("different", p.different),
             ("quarantined", p.quarantined),
+            ("index", p.index_differences),
+            ("options", p.option_differences),
         ] {
             diffs
                 .with_label_values(&[p.collection.as_str(), p.follower.as_str(), kind])
@@ -126,6 +128,20 @@ pub fn render(report: &Report, repair: bool) -> String {
                 p.source_without_key, p.follower_without_key
             ));
         }
+        if p.archive {
+            out.push_str(
+                "  archive follower: documents only on the follower are kept, not differences\n",
+            );
+        }
+        if !p.metadata.is_empty() {
+            out.push_str(&format!(
+                "  {} index and {} collection option difference(s):\n",
+                p.index_differences, p.option_differences
+            ));
+            for m in &p.metadata {
+                out.push_str(&format!("    {}\n", m.difference));
+            }
+        }
         if p.quarantined > 0 {
             out.push_str(&format!(
                 "  quarantined on the follower (refused for good; `--repair` retries them): {}: {}\n",
@@ -138,6 +154,12 @@ pub fn render(report: &Report, repair: bool) -> String {
                 "  repaired: {} upserted, {} deleted in {} round(s)\n",
                 r.upserted, r.deleted, r.rounds
             ));
+            for c in &r.metadata_changed {
+                out.push_str(&format!("  repaired: {c}\n"));
+            }
+            for u in &r.metadata_unfixed {
+                out.push_str(&format!("  not fixed: {u}\n"));
+            }
             if r.quarantine_cleared > 0 || r.quarantine_refused > 0 {
                 out.push_str(&format!(
                     "  quarantine: {} now applied, {} still refused\n",
@@ -252,5 +274,39 @@ mod tests {
                 errs.first()
             );
         });
+    }
+
+    /// Index and option differences show in the summary and as their own metric kinds.
+    #[test]
+    fn metadata_differences_are_rendered_and_exported_by_kind() {
+        let mut p = pair("f1", 0);
+        p.index_differences = 1;
+        p.option_differences = 2;
+        p.metadata = vec![super::super::MetaRow {
+            kind: "index".into(),
+            name: "a_1".into(),
+            difference: "index `a_1` missing on the follower: { \"key\": { \"a\": 1 } }".into(),
+        }];
+        let r = report(vec![p]);
+        assert!(!r.consistent);
+        let text = render(&r, false);
+        assert!(
+            text.contains("1 index and 2 collection option difference(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    index `a_1` missing on the follower"),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("check.prom");
+        write_metrics_file(&path, Some(&r)).unwrap();
+        let prom = std::fs::read_to_string(&path).unwrap();
+        for (kind, n) in [("index", 1), ("options", 2)] {
+            let series = format!(
+                "mongo_replicator_check_differences{{collection=\"data\",follower=\"f1\",kind=\"{kind}\"}} {n}"
+            );
+            assert!(prom.contains(&series), "{series} in {prom}");
+        }
     }
 }

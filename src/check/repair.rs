@@ -80,6 +80,8 @@ impl Checker {
                 .await
                 .map_err(|e| cannot_run("source", e))?;
             let outcome = match current {
+                // Gone from the source: an archive follower keeps what it has.
+                None if !self.apply_deletes => Ok(()),
                 None => self.fol.delete_one(by_id.clone()).await.map(|d| {
                     r.deleted += d.deleted_count;
                 }),
@@ -157,13 +159,16 @@ impl Checker {
                 .await
                 .map_err(|e| cannot_run("source", e))?;
             let ids: Vec<Bson> = docs.iter().filter_map(|d| d.get("_id").cloned()).collect();
-            // Remove follower documents with this key that the source does not have (by _id).
-            let del = self
-                .fol
-                .delete_many(doc! {"$and": [filter.clone(), {"_id": {"$nin": ids.clone()}}]})
-                .await
-                .map_err(|e| cannot_run("follower", e))?;
-            r.deleted += del.deleted_count;
+            // Remove follower documents with this key that the source does not have (by
+            // _id), unless the follower is an archive that keeps them.
+            if self.apply_deletes {
+                let del = self
+                    .fol
+                    .delete_many(doc! {"$and": [filter.clone(), {"_id": {"$nin": ids.clone()}}]})
+                    .await
+                    .map_err(|e| cannot_run("follower", e))?;
+                r.deleted += del.deleted_count;
+            }
             for d in docs {
                 let id = d.get("_id").cloned().unwrap_or(Bson::Null);
                 // A follower document with this _id but another key would block the write.
