@@ -415,14 +415,15 @@ fn the_metrics_file_refuses_a_check_of_one_follower() {
 }
 
 /// A config for `check` alone (no replicator runs): source `app.data` against `followers`,
-/// with `follower_extra` in every `[[followers]]` table.
+/// with `follower_extra` in every `[[followers]]` table and `extra` at the end.
 fn check_config(
     src: &Server,
     followers: &[&Server],
     follower_extra: &str,
+    extra: &str,
 ) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ConfigBuilder::new(src, followers);
+    let mut cfg = ConfigBuilder::new(src, followers).extra(extra);
     cfg.follower_extra = follower_extra.to_string();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, cfg.render(dir.path(), free_port())).unwrap();
@@ -544,6 +545,11 @@ async fn indexes_missing_on_the_follower_are_found_and_repaired_with_their_optio
         "{text}"
     );
 
+    // Under `replication.indexes = false` the follower's indexes are its own.
+    let (_dir, own) = check_config(&src, &[&f1], "", "[replication]\nindexes = false");
+    let run = check(&own, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+
     let run = check(&cfg, &["--repair"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let changed = lines(&run.json["pairs"][0]["repaired"]["metadata_changed"]);
@@ -633,7 +639,7 @@ async fn an_option_that_cannot_change_in_place_is_reported_not_fixed() {
         .unwrap();
     let f = f1.coll("data").await;
     copy_documents(&s, &f).await;
-    let (_dir, cfg) = check_config(&src, &[&f1], "");
+    let (_dir, cfg) = check_config(&src, &[&f1], "", "");
 
     let run = check(&cfg, &[]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
@@ -668,14 +674,14 @@ async fn an_archive_follower_keeps_documents_the_source_deleted() {
     s.delete_many(doc! {"dataId": {"$in": ["k03", "k17", "k29"]}})
         .await
         .unwrap();
-    let (_dir, cfg) = check_config(&src, &[&f1], "apply_deletes = false");
+    let (_dir, cfg) = check_config(&src, &[&f1], "apply_deletes = false", "");
     let run = check(&cfg, &[]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.json["pairs"][0]["archive"], true);
     assert_eq!(counts(&run), (0, 0, 0));
     assert_eq!(run.json["pairs"][0]["follower_count"], 30);
     // The same follower as an ordinary one: three extra.
-    let (_dir2, plain) = check_config(&src, &[&f1], "");
+    let (_dir2, plain) = check_config(&src, &[&f1], "", "");
     assert_eq!(counts(&check(&plain, &[])), (0, 3, 0));
 
     // A missing and a different document are still found, and repair keeps the archive,

@@ -19,6 +19,7 @@
 //!
 //! 5. **Metadata.** The collection's options and index definitions are compared too
 //!    ([`crate::meta`]); the replicator's own key index on the follower is not a difference.
+//!    Not with `replication.indexes = false`: the followers' indexes are then their own.
 //!
 //! `--repair` then rewrites each differing key from the source's current document (or
 //! deletes it), and checks again; it repeats while writes race it, a bounded number of
@@ -311,7 +312,13 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                 key: f.key_field(ns),
             };
             let (mut report, mut keys) = checker.check(coll, &f.name).await?;
-            let meta_diffs = meta.compare().await?;
+            // With `replication.indexes = false` the followers' indexes and options are
+            // their own business, not the source's.
+            let meta_diffs = if config.replication.indexes {
+                meta.compare().await?
+            } else {
+                Vec::new()
+            };
             if args.repair && (!report.documents_consistent() || !meta_diffs.is_empty()) {
                 // Writes may race the repair (the replicator runs on); each round rewrites
                 // what still differs from the source's current documents, then checks.
@@ -338,8 +345,11 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                         }
                     }
                 }
-                let mut left = meta.compare().await?;
-                if !left.is_empty() && !meta_diffs.is_empty() {
+                let mut left = Vec::new();
+                if !meta_diffs.is_empty() {
+                    left = meta.compare().await?;
+                }
+                if !left.is_empty() {
                     not_fixed = meta.repair(&mut total).await?;
                     left = meta.compare().await?;
                 }
