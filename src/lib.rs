@@ -13,6 +13,7 @@
 //! - [`checkpoint`]: resume positions and the token file;
 //! - [`status`] and [`http`]: what the node reports (`/status`, `/metrics`, ...);
 //! - [`check`]: the consistency check and repair;
+//! - [`meta`]: collection options and index definitions: read, compared, applied;
 //! - [`order`]: MongoDB's sort order of BSON values (check merges, copy resumption);
 //! - [`service`]: `run`, tying it together.
 
@@ -25,6 +26,7 @@ pub mod control;
 pub mod follower;
 pub mod http;
 pub mod lease;
+pub mod meta;
 pub mod namespace;
 pub mod node;
 pub mod order;

@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
+use mongodb::Collection;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -410,4 +412,320 @@ fn the_metrics_file_refuses_a_check_of_one_follower() {
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("--follower"), "{}", run.stderr);
     assert!(!file.exists());
+}
+
+/// A config for `check` alone (no replicator runs): source `app.data` against `followers`,
+/// with `follower_extra` in every `[[followers]]` table and `extra` at the end.
+fn check_config(
+    src: &Server,
+    followers: &[&Server],
+    follower_extra: &str,
+    extra: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ConfigBuilder::new(src, followers).extra(extra);
+    cfg.follower_extra = follower_extra.to_string();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cfg.render(dir.path(), free_port())).unwrap();
+    (dir, path)
+}
+
+/// Copies every document of `from` into `to` as it is (same `_id`s, same bytes).
+async fn copy_documents(from: &Collection<Document>, to: &Collection<Document>) {
+    let docs = dump(from).await;
+    if !docs.is_empty() {
+        to.insert_many(docs).await.unwrap();
+    }
+}
+
+/// The follower's indexes by name.
+async fn indexes(coll: &Collection<Document>) -> std::collections::HashMap<String, Document> {
+    let db = coll.client().database(&coll.namespace().db);
+    let listed: Vec<Document> = db
+        .run_cursor_command(doc! {"listIndexes": coll.name()})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    listed
+        .into_iter()
+        .map(|i| (i.get_str("name").unwrap().to_string(), i))
+        .collect()
+}
+
+async fn options(coll: &Collection<Document>) -> Document {
+    let db = coll.client().database(&coll.namespace().db);
+    let listed: Vec<Document> = db
+        .run_cursor_command(doc! {"listCollections": 1, "filter": {"name": coll.name()}})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    listed[0].get_document("options").unwrap().clone()
+}
+
+fn num(b: Option<&mongodb::bson::Bson>) -> Option<i64> {
+    b.and_then(|b| match b {
+        mongodb::bson::Bson::Int32(i) => Some(*i as i64),
+        mongodb::bson::Bson::Int64(i) => Some(*i),
+        mongodb::bson::Bson::Double(d) => Some(*d as i64),
+        _ => None,
+    })
+}
+
+fn lines(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Indexes created on the source after the follower was replicated are differences named
+/// in the reports and the metrics file; repair creates them on the follower with their
+/// options; the replicator's own key index is never a difference and survives the repair.
+#[tokio::test]
+async fn indexes_missing_on_the_follower_are_found_and_repaired_with_their_options() {
+    let (src, f1, r) = synced(50).await;
+    let cfg = r.config_path.clone();
+    let f = f1.coll("data").await;
+    assert!(
+        indexes(&f).await.contains_key("mongo_replicator_dataId"),
+        "the replicator made its key index (else this test proves nothing about it)"
+    );
+    let run = check(&cfg, &[]);
+    assert_eq!(
+        run.code, 0,
+        "its own key index is no difference: {}",
+        run.stdout
+    );
+    assert_eq!(run.json["pairs"][0]["index_differences"], 0);
+
+    let s = src.coll("data").await;
+    let db = s.client().database("app");
+    db.run_command(doc! {"createIndexes": "data", "indexes": [
+        {"key": {"n": 1}, "name": "n_unique", "unique": true, "partialFilterExpression": {"n": {"$gt": 5}}},
+        {"key": {"t": 1}, "name": "t_ttl", "expireAfterSeconds": 3600},
+        {"key": {"tag": 1, "n": -1}, "name": "tag_sparse", "sparse": true},
+    ]})
+    .await
+    .unwrap();
+
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let p = &run.json["pairs"][0];
+    assert_eq!(p["index_differences"], 3, "{}", run.stdout);
+    assert_eq!(p["option_differences"], 0, "{}", run.stdout);
+    assert_eq!(counts(&run), (0, 0, 0), "documents still agree");
+    let names: Vec<&str> = p["metadata"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["n_unique", "t_ttl", "tag_sparse"], "{}", run.stdout);
+    assert!(!run.stdout.contains("mongo_replicator_"), "{}", run.stdout);
+    // The text report names them too.
+    let (code, text) = run_check(&cfg, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("3 index and 0 collection option difference(s)")
+            && text.contains("index `n_unique` missing on the follower"),
+        "{text}"
+    );
+    // And the metrics file counts them under kind="index".
+    let prom = r.dir.path().join("check.prom");
+    let run = check(&cfg, &["--metrics-file", prom.to_str().unwrap()]);
+    assert_eq!(run.code, 1);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        text.contains(
+            "mongo_replicator_check_differences{collection=\"data\",follower=\"f1\",kind=\"index\"} 3"
+        ),
+        "{text}"
+    );
+
+    // Under `replication.indexes = false` the follower's indexes are its own.
+    let (_dir, own) = check_config(&src, &[&f1], "", "[replication]\nindexes = false");
+    let run = check(&own, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+
+    let run = check(&cfg, &["--repair"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let changed = lines(&run.json["pairs"][0]["repaired"]["metadata_changed"]);
+    assert_eq!(changed.len(), 3, "{changed:?}");
+    let got = indexes(&f).await;
+    let n = &got["n_unique"];
+    assert_eq!(n.get_bool("unique"), Ok(true), "{n}");
+    assert_eq!(
+        n.get_document("partialFilterExpression").unwrap(),
+        &doc! {"n": {"$gt": 5}}
+    );
+    assert_eq!(num(got["t_ttl"].get("expireAfterSeconds")), Some(3600));
+    assert_eq!(got["tag_sparse"].get_bool("sparse"), Ok(true));
+    assert_eq!(
+        got["tag_sparse"].get_document("key").unwrap(),
+        &doc! {"tag": 1, "n": -1}
+    );
+    assert!(got.contains_key("mongo_replicator_dataId"), "{got:?}");
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+
+    // An index only the follower has is a difference too, and repair drops it.
+    f.create_index(
+        mongodb::IndexModel::builder()
+            .keys(doc! {"extra": 1})
+            .build(),
+    )
+    .await
+    .unwrap();
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_eq!(run.json["pairs"][0]["metadata"][0]["name"], "extra_1");
+    assert_eq!(check(&cfg, &["--repair"]).code, 0);
+    assert!(!indexes(&f).await.contains_key("extra_1"));
+}
+
+/// A validator that differs is found and repaired in place (collMod), documents untouched.
+#[tokio::test]
+async fn a_validator_that_differs_is_found_and_repaired_by_coll_mod() {
+    let (src, f1, r) = synced(20).await;
+    let cfg = r.config_path.clone();
+    let s = src.coll("data").await;
+    s.client()
+        .database("app")
+        .run_command(doc! {
+            "collMod": "data",
+            "validator": {"$jsonSchema": {"required": ["dataId"]}},
+            "validationLevel": "moderate",
+        })
+        .await
+        .unwrap();
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let p = &run.json["pairs"][0];
+    assert_eq!(p["option_differences"], 2, "{}", run.stdout);
+    assert_eq!(p["index_differences"], 0, "{}", run.stdout);
+    assert_eq!(p["metadata"][0]["kind"], "options");
+    assert_eq!(p["metadata"][0]["name"], "validator");
+
+    let run = check(&cfg, &["--repair"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let changed = lines(&run.json["pairs"][0]["repaired"]["metadata_changed"]);
+    assert!(changed.iter().any(|c| c.contains("collMod")), "{changed:?}");
+    let f = f1.coll("data").await;
+    let o = options(&f).await;
+    assert_eq!(
+        o.get_document("validator").unwrap(),
+        &doc! {"$jsonSchema": {"required": ["dataId"]}}
+    );
+    assert_eq!(o.get_str("validationLevel"), Ok("moderate"));
+    assert_eq!(f.count_documents(doc! {}).await.unwrap(), 20);
+    assert_eq!(check(&cfg, &[]).code, 0);
+}
+
+/// Options that cannot change in place (a collation) are differences that repair reports
+/// as not fixed, leaving the follower's documents alone: exit 1.
+#[tokio::test]
+async fn an_option_that_cannot_change_in_place_is_reported_not_fixed() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let sdb = src.client().await.database("app");
+    sdb.run_command(doc! {"create": "data", "collation": {"locale": "fr", "strength": 2}})
+        .await
+        .unwrap();
+    let s = sdb.collection::<Document>("data");
+    s.insert_many((0..10).map(|i| doc! {"dataId": format!("k{i}"), "v": i}))
+        .await
+        .unwrap();
+    let f = f1.coll("data").await;
+    copy_documents(&s, &f).await;
+    let (_dir, cfg) = check_config(&src, &[&f1], "", "");
+
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.json["pairs"][0]["metadata"][0]["name"], "collation");
+    let run = check(&cfg, &["--repair"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let unfixed = lines(&run.json["pairs"][0]["repaired"]["metadata_unfixed"]);
+    assert!(
+        unfixed
+            .iter()
+            .any(|u| u.contains("collation") && u.contains("cannot be changed in place")),
+        "{unfixed:?}"
+    );
+    assert_eq!(f.count_documents(doc! {}).await.unwrap(), 10);
+    assert!(options(&f).await.get("collation").is_none());
+}
+
+/// An archive follower (`apply_deletes = false`) keeps what the source deleted: those
+/// documents are not differences and repair leaves them. Missing and different documents
+/// still are, and get repaired. A unique index the archive's kept documents violate cannot
+/// be built: repair says so, naming the index, and exits 1.
+#[tokio::test]
+async fn an_archive_follower_keeps_documents_the_source_deleted() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let s = src.coll("data").await;
+    s.insert_many((0..30).map(|i| doc! {"dataId": format!("k{i:02}"), "u": i}))
+        .await
+        .unwrap();
+    let f = f1.coll("data").await;
+    copy_documents(&s, &f).await;
+    // Deleted on the source since; the archive keeps them.
+    s.delete_many(doc! {"dataId": {"$in": ["k03", "k17", "k29"]}})
+        .await
+        .unwrap();
+    let (_dir, cfg) = check_config(&src, &[&f1], "apply_deletes = false", "");
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.json["pairs"][0]["archive"], true);
+    assert_eq!(counts(&run), (0, 0, 0));
+    assert_eq!(run.json["pairs"][0]["follower_count"], 30);
+    // The same follower as an ordinary one: three extra.
+    let (_dir2, plain) = check_config(&src, &[&f1], "", "");
+    assert_eq!(counts(&check(&plain, &[])), (0, 3, 0));
+
+    // A missing and a different document are still found, and repair keeps the archive,
+    // even an old document under a key the source has again (under a new `_id`).
+    let old_k10 = f.find_one(doc! {"dataId": "k10"}).await.unwrap().unwrap();
+    s.delete_one(doc! {"dataId": "k10"}).await.unwrap();
+    s.insert_one(doc! {"dataId": "k10", "u": 10}).await.unwrap();
+    f.delete_one(doc! {"dataId": "k05"}).await.unwrap();
+    f.update_one(doc! {"dataId": "k06"}, doc! {"$set": {"u": -6}})
+        .await
+        .unwrap();
+    let run = check(&cfg, &[]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_eq!(counts(&run), (2, 0, 1), "{}", run.stdout);
+    let run = check(&cfg, &["--repair"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.json["pairs"][0]["repaired"]["deleted"], 0);
+    assert_eq!(f.count_documents(doc! {}).await.unwrap(), 31);
+    assert!(
+        f.find_one(doc! {"_id": old_k10.get("_id").unwrap().clone()})
+            .await
+            .unwrap()
+            .is_some(),
+        "repair deleted an archived document"
+    );
+    assert_eq!(
+        f.count_documents(doc! {"dataId": {"$in": ["k03", "k17", "k29"]}})
+            .await
+            .unwrap(),
+        3
+    );
+
+    // The source gets a unique index that a kept document violates.
+    s.insert_one(doc! {"dataId": "new", "u": 3}).await.unwrap();
+    f.insert_one(doc! {"_id": s.find_one(doc! {"dataId": "new"}).await.unwrap().unwrap().get("_id").unwrap().clone(), "dataId": "new", "u": 3}).await.unwrap();
+    unique_index_on(&s, "u").await;
+    let run = check(&cfg, &["--repair"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let unfixed = lines(&run.json["pairs"][0]["repaired"]["metadata_unfixed"]);
+    assert!(
+        unfixed
+            .iter()
+            .any(|u| u.contains("`u_1`") && u.contains("11000")),
+        "{unfixed:?}"
+    );
+    assert_eq!(f.count_documents(doc! {}).await.unwrap(), 32);
 }
