@@ -510,6 +510,9 @@ impl Pair {
                 // The copy's start is recorded on the follower (so a crash resumes it, and
                 // its quarantine starts afresh: the copy writes every document again).
                 let mut base = self.capture_now().await?;
+                // The follower collection gets the source's options and indexes before any
+                // document (a capped size or a collation cannot be changed afterwards).
+                self.sync_meta(true).await?;
                 base.copy_after = Some(Bson::Null);
                 self.commit(Vec::new(), base.clone(), 0, false).await?;
                 self.stats.set_quarantined(0);
@@ -602,6 +605,64 @@ impl Pair {
         self.commit(Vec::new(), cp.clone(), 0, false).await?;
         tracing::info!(follower = %self.name(), collection = %self.label, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
         Ok(cp)
+    }
+
+    /// Makes the follower collection's indexes and options those of the source collection
+    /// (`replication.indexes`), keeping the replicator's own key index. `recreate` (a copy
+    /// is starting) lets it drop and create the follower collection anew when an option
+    /// that cannot change in place (capped size, collation) differs.
+    async fn sync_meta(&self, recreate: bool) -> Result<(), PairError> {
+        if !self.config.replication.indexes {
+            return Ok(());
+        }
+        self.check_authority()?;
+        let src = self
+            .src(crate::meta::read(
+                &self.source.database(&self.ns.db),
+                &self.ns.coll,
+            ))
+            .await?;
+        if !src.exists {
+            // Dropped since: its drop event follows in the stream.
+            return Ok(());
+        }
+        let fdb = self
+            .follower
+            .client()
+            .database(self.follower.target_db(&self.ns));
+        let key_field = self.follower.key_field(&self.ns);
+        let limit = self.config.replication.write_timeout;
+        let applied = match tokio::time::timeout(
+            limit,
+            crate::meta::apply(&src, &fdb, &self.ns.coll, key_field, recreate),
+        )
+        .await
+        {
+            Ok(Ok(applied)) => applied,
+            // The follower answered and refused (no privilege for collMod, a unique index
+            // that its data breaks, an option it does not know): the documents still
+            // replicate; the difference is logged, counted, and shown by `check`.
+            Ok(Err(e)) if crate::source::error_code(&e).is_some() => {
+                tracing::warn!(follower = %self.name(), collection = %self.label, error = %describe(&e), "could not bring the follower's indexes or options in line with the source; documents still replicate, and `check` shows the difference");
+                self.stats.skipped("indexes_or_options");
+                return Ok(());
+            }
+            Ok(Err(e)) => return Err(PairError::Transient(format!("follower: {}", describe(&e)))),
+            Err(_) => {
+                return Err(PairError::Transient(format!(
+                    "follower did not answer within {} (replication.write_timeout)",
+                    humantime::format_duration(limit)
+                )))
+            }
+        };
+        for change in &applied.changed {
+            tracing::info!(follower = %self.name(), collection = %self.label, change = %change, "follower indexes and options brought in line with the source");
+        }
+        for left in &applied.unfixed {
+            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %left, "a collection option differs from the source's and cannot change in place; a resync of this follower recreates the collection");
+        }
+        self.follower.ensure_key_index(&self.ns).await?;
+        Ok(())
     }
 
     /// The bytes of documents a copy of `remaining` documents reads, from the source's
@@ -1191,6 +1252,14 @@ impl Pair {
                 tracing::warn!(follower = %self.name(), collection = %self.label, op = ?ev.operation_type, "the source collection was {what}; copying it again so the follower holds what the source holds");
                 return Err(PairError::Resync(format!("source collection {what}")));
             }
+            OperationType::Other(ref op)
+                if is_collection_ddl(op) && self.config.replication.indexes =>
+            {
+                // What came before is applied, then the source's indexes and options are
+                // brought over, before the checkpoint can pass this event.
+                self.flush(batch, false).await?;
+                self.sync_meta(false).await?;
+            }
             _ => {}
         }
         if batch.events == 0 {
@@ -1379,6 +1448,11 @@ fn token_doc(token: &ResumeToken) -> Result<Document, PairError> {
             "resume token is not a document".into(),
         )),
     }
+}
+
+/// Change events that alter a collection's indexes or options (expanded events).
+fn is_collection_ddl(op: &str) -> bool {
+    matches!(op, "create" | "createIndexes" | "dropIndexes" | "modify")
 }
 
 /// Sleeps unless stopped first; returns false when stopped.

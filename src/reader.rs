@@ -233,21 +233,47 @@ impl Hub {
         self.lock().subs.len()
     }
 
-    /// Reads the database's stream until stopped. On any error every subscriber is detached
-    /// (each goes back to its own stream from its own checkpoint) and the reader starts
-    /// again at the present, so it never skips an event that a subscriber relies on.
+    /// Reads the database's stream until stopped. An interrupted stream is reopened from the
+    /// reader's own last token, so its subscribers see no gap; when that is impossible
+    /// (history lost, or failures past `silence`), every subscriber is detached (each goes
+    /// back to its own stream from its own checkpoint) and the reader starts again at the
+    /// present.
     async fn run(self: Arc<Self>) {
         let mut backoff = BACKOFF_START;
+        let mut token: Option<ResumeToken> = None;
+        let mut batch = self.batch;
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
             if self.stop.is_cancelled() {
                 break;
             }
-            let reason = match self.read().await {
-                Ok(()) => break,
-                Err(e) => e,
+            let end = self.read(&mut token, batch).await;
+            let reason = match end {
+                ReadEnd::Stopped => break,
+                ReadEnd::Resize(b) => {
+                    tracing::debug!(database = %self.db, from = batch, to = b, "shared reader: events per reply changed to keep replies within batch_max_bytes");
+                    batch = b;
+                    continue;
+                }
+                ReadEnd::Lost(reason) => {
+                    token = None;
+                    reason
+                }
+                ReadEnd::Failed(reason) => {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > Duration::from_secs(30) {
+                        token = None;
+                    }
+                    reason
+                }
             };
-            tracing::debug!(database = %self.db, error = %reason, "shared reader interrupted; its pipelines read their own streams until it is back");
-            self.detach_all(&reason);
+            if token.is_none() {
+                failing_since = None;
+                tracing::debug!(database = %self.db, error = %reason, "shared reader starts again at the present; its pipelines read their own streams until they have caught up");
+                self.detach_all(&reason);
+            } else {
+                tracing::debug!(database = %self.db, error = %reason, "shared reader interrupted; reopening it where it stopped");
+            }
             tokio::select! {
                 _ = self.stop.cancelled() => break,
                 _ = tokio::time::sleep(backoff) => {}
@@ -265,57 +291,81 @@ impl Hub {
         }
     }
 
-    async fn read(&self) -> Result<(), String> {
+    /// Reads from `token` (the present when `None`) with `batch` events per reply, moving
+    /// `token` along.
+    async fn read(&self, token: &mut Option<ResumeToken>, batch: u32) -> ReadEnd {
         let db = self.source.database(&self.db);
         let watch = db
             .watch()
             .pipeline([doc! {"$project": {"updateDescription": 0}}])
             .full_document(FullDocumentType::UpdateLookup)
             .show_expanded_events(self.expanded)
-            .batch_size(self.batch)
+            .batch_size(batch)
             .max_await_time(MAX_AWAIT);
+        let watch = match token.clone() {
+            Some(t) => watch.start_after(t),
+            None => watch,
+        };
         let mut stream = tokio::select! {
-            _ = self.stop.cancelled() => return Ok(()),
+            _ = self.stop.cancelled() => return ReadEnd::Stopped,
             r = tokio::time::timeout(Duration::from_secs(30), watch.into_future()) => match r {
                 Ok(Ok(s)) => s.with_type::<Event>(),
-                Ok(Err(e)) => return Err(crate::source::describe(&e)),
-                Err(_) => return Err("the source did not open the change stream in time".into()),
+                Ok(Err(e)) => return ReadEnd::from_error(&e, batch),
+                Err(_) => return ReadEnd::Failed("the source did not open the change stream in time".into()),
             },
         };
+        // The bytes of one reply: `batch` events of the recent average size.
+        let budget = self.max_bytes as f64 / 2.0;
+        let mut avg: Option<f64> = None;
         let silence = Duration::from_secs(30);
         loop {
             let next = tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
+                _ = self.stop.cancelled() => return ReadEnd::Stopped,
                 r = tokio::time::timeout(silence, stream.next_if_any()) => r,
             };
             match next {
-                Err(_) => return Err("the source's change stream gave nothing for 30s".into()),
-                Ok(Err(e)) => return Err(crate::source::describe(&e)),
+                Err(_) => {
+                    return ReadEnd::Failed(
+                        "the source's change stream gave nothing for 30s".into(),
+                    )
+                }
+                Ok(Err(e)) => return ReadEnd::from_error(&e, batch),
                 Ok(Ok(Some(ev))) => {
                     self.events_read.inc();
                     let Some(t) = event_time(&ev) else {
-                        return Err("an event without a cluster time".into());
+                        return ReadEnd::Lost("an event without a cluster time".into());
                     };
                     if matches!(&ev.operation_type, OperationType::Other(op) if op == "create") {
                         self.created.notify_waiters();
                     }
+                    let size = event_bytes(&ev) as f64;
+                    let a = avg.map_or(size, |a| 0.9 * a + 0.1 * size);
+                    avg = Some(a);
                     let id = ev.id.clone();
-                    let token = stream.resume_token();
+                    let after = stream.resume_token();
                     self.fan_out(Arc::new(ev), t);
+                    *token = Some(id.clone());
                     // A token other than the event's own is the post-batch token of an
                     // exhausted batch: a high-water mark, shared with every subscriber.
-                    if let Some(tok) = token.filter(|tok| tok != &id) {
+                    if let Some(tok) = after.filter(|tok| tok != &id) {
+                        *token = Some(tok.clone());
                         self.idle(tok);
+                        // Between replies: the next one asks for as many events as fit.
+                        let fit = ((budget / a.max(1.0)) as u32).clamp(1, self.batch);
+                        if fit < batch || fit >= batch.saturating_mul(4) {
+                            return ReadEnd::Resize(fit);
+                        }
                     }
                 }
                 Ok(Ok(None)) => {
                     if let Some(tok) = stream.resume_token() {
+                        *token = Some(tok.clone());
                         self.idle(tok);
                     }
                 }
             }
             if !stream.is_alive() {
-                return Err("the change stream ended".into());
+                return ReadEnd::Failed("the change stream ended".into());
             }
         }
     }
@@ -358,6 +408,33 @@ fn max_ts(a: Option<Timestamp>, b: Timestamp) -> Timestamp {
     match a {
         Some(a) if ts_key(a) > ts_key(b) => a,
         _ => b,
+    }
+}
+
+/// How one read of the stream ended.
+enum ReadEnd {
+    Stopped,
+    /// Reopen where it stopped, asking for this many events per reply.
+    Resize(u32),
+    /// Reopen where it stopped after a backoff.
+    Failed(String),
+    /// Its position cannot be resumed: start again at the present.
+    Lost(String),
+}
+
+impl ReadEnd {
+    fn from_error(e: &mongodb::error::Error, batch: u32) -> ReadEnd {
+        let reason = crate::source::describe(e);
+        if crate::source::is_history_lost(e) {
+            ReadEnd::Lost(reason)
+        } else if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidResponse { message, .. } if message.contains("over maximum"))
+            && batch > 1
+        {
+            // A reply past the driver's limit: fewer events per reply.
+            ReadEnd::Resize(batch / 2)
+        } else {
+            ReadEnd::Failed(reason)
+        }
     }
 }
 

@@ -448,3 +448,114 @@ async fn initial_sync_progress_is_reported_while_copying() {
     })
     .await;
 }
+
+async fn run_cmd(db: &mongodb::Database, c: Document) {
+    db.run_command(c.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{c}: {e}"));
+}
+
+/// What differs between the source's and the follower's indexes and options.
+async fn meta_diff(src: &Server, f: &Server, coll: &str) -> Vec<String> {
+    use mongo_replicator::meta;
+    let s = meta::read(&src.client().await.database("app"), coll)
+        .await
+        .unwrap();
+    let fo = meta::read(&f.client().await.database("app"), coll)
+        .await
+        .unwrap();
+    meta::diff(&s, &fo).iter().map(|d| d.to_string()).collect()
+}
+
+#[tokio::test]
+async fn indexes_and_collection_options_follow_the_source_at_the_copy_and_while_streaming() {
+    // GIVEN a source collection with a collation, a validator, and indexes with options
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let sdb = src.client().await.database("app");
+    run_cmd(
+        &sdb,
+        doc! {"create": "data", "collation": {"locale": "fr", "strength": 2},
+        "validator": {"dataId": {"$exists": true}}},
+    )
+    .await;
+    run_cmd(&sdb, doc! {"createIndexes": "data", "indexes": [
+        {"key": {"email": 1}, "name": "email_unique", "unique": true,
+         "partialFilterExpression": {"email": {"$exists": true}}},
+        {"key": {"seen": 1}, "name": "seen_ttl", "expireAfterSeconds": 3600, "sparse": true},
+        {"key": {"h": 1}, "name": "h_hidden", "hidden": true},
+    ]})
+    .await;
+    let s = src.coll("data").await;
+    insert_n(&s, "a", 100).await;
+
+    // WHEN the replicator copies it
+    let mut cfg = ConfigBuilder::new(&src, &[&f1]);
+    cfg.collections = vec!["*".into()];
+    let r = Replicator::start(&cfg, "n1");
+    leader(&r).await;
+    let fcoll = f1.coll("data").await;
+    wait_identical(&s, std::slice::from_ref(&fcoll), CONVERGE).await;
+
+    // THEN the follower has the same options and indexes, beside the replicator's own
+    assert_eq!(meta_diff(&src, &f1, "data").await, Vec::<String>::new());
+    let names = fcoll.list_index_names().await.unwrap();
+    assert!(
+        names.contains(&"mongo_replicator_dataId".to_string()),
+        "{names:?}"
+    );
+
+    // WHEN indexes and the validator change on the source while streaming, and a new
+    // collection is created with options
+    run_cmd(
+        &sdb,
+        doc! {"createIndexes": "data", "indexes": [{"key": {"n": -1, "dataId": 1}, "name": "n_compound"}]},
+    )
+    .await;
+    run_cmd(&sdb, doc! {"dropIndexes": "data", "index": "h_hidden"}).await;
+    run_cmd(
+        &sdb,
+        doc! {"collMod": "data", "validator": {"n": {"$type": "long"}}, "validationLevel": "moderate"},
+    )
+    .await;
+    run_cmd(
+        &sdb,
+        doc! {"create": "later", "collation": {"locale": "de"}, "validator": {"k": {"$exists": true}}},
+    )
+    .await;
+    run_cmd(
+        &sdb,
+        doc! {"createIndexes": "later", "indexes": [{"key": {"k": 1}, "name": "k_unique", "unique": true}]},
+    )
+    .await;
+    s.insert_one(doc! {"dataId": "after", "n": 1_i64}).await.unwrap();
+    src.coll("later")
+        .await
+        .insert_one(doc! {"dataId": "l1", "k": 1})
+        .await
+        .unwrap();
+
+    // THEN the follower follows, and `check` finds nothing to report
+    wait_identical(&s, std::slice::from_ref(&fcoll), CONVERGE).await;
+    wait_for("indexes and options follow", CONVERGE, || async {
+        meta_diff(&src, &f1, "data").await.is_empty()
+            && meta_diff(&src, &f1, "later").await.is_empty()
+    })
+    .await;
+    wait_identical(&src.coll("later").await, &[f1.coll("later").await], CONVERGE).await;
+    let (code, out) = run_check(&r.config_path, &[]);
+    assert_eq!(code, 0, "{out}");
+
+    // AND a difference made on the follower behind the replicator's back is found by
+    // `check` and repaired
+    run_cmd(
+        &f1.client().await.database("app"),
+        doc! {"dropIndexes": "data", "index": "email_unique"},
+    )
+    .await;
+    let (code, out) = run_check(&r.config_path, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("email_unique"), "{out}");
+    let (code, out) = run_check(&r.config_path, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(meta_diff(&src, &f1, "data").await, Vec::<String>::new());
+}

@@ -3,6 +3,11 @@
 
 mod common;
 
+/// Tests that give a follower a unique index of its own (the source has none) to make it
+/// refuse documents: with `indexes = false` a follower's indexes are its own to manage (with
+/// the default, the replicator makes them the source's).
+const OWN_INDEXES: &str = "[replication]\nindexes = false\n";
+
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -137,7 +142,7 @@ async fn a_document_a_follower_refuses_is_quarantined_and_the_pair_goes_on() {
     );
     // f1 has a unique index the source does not have: it refuses a second "x@example".
     f1.unique_index("email").await;
-    let cfg = ConfigBuilder::new(&src, &[&f1, &f2]);
+    let cfg = ConfigBuilder::new(&src, &[&f1, &f2]).extra(OWN_INDEXES);
     let r = Replicator::start(&cfg, "n1");
     let s = src.coll("data").await;
     s.insert_one(doc! {"dataId": "a", "email": "x@example"})
@@ -229,7 +234,7 @@ async fn a_document_a_follower_refuses_is_quarantined_and_the_pair_goes_on() {
 async fn one_quarantined() -> (Server, Server, Replicator) {
     let (src, f1) = (Server::start().await, Server::start().await);
     f1.unique_index("email").await;
-    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]).extra(OWN_INDEXES), "n1");
     let s = src.coll("data").await;
     s.insert_one(doc! {"dataId": "a", "email": "x"})
         .await
@@ -264,7 +269,8 @@ async fn under_on_rejected_stop_the_pair_stops_and_a_resync_restarts_it() {
     let (src, f1) = (Server::start().await, Server::start().await);
     let f = f1.coll("data").await;
     f1.unique_index("email").await;
-    let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\non_rejected = \"stop\"\n");
+    let cfg = ConfigBuilder::new(&src, &[&f1])
+        .extra("[replication]\non_rejected = \"stop\"\nindexes = false\n");
     let r = Replicator::start(&cfg, "n1");
     let s = src.coll("data").await;
     s.insert_one(doc! {"dataId": "a", "email": "x"})
@@ -429,7 +435,7 @@ async fn a_backlog_larger_than_one_reply_is_caught_up() {
 async fn many_refused_documents_in_one_batch_are_quarantined_in_bounded_time() {
     let (src, f1) = (Server::start().await, Server::start().await);
     f1.unique_index("email").await;
-    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]).extra(OWN_INDEXES), "n1");
     let s = src.coll("data").await;
     s.insert_one(doc! {"dataId": "first", "email": "same"})
         .await
@@ -696,7 +702,7 @@ async fn a_batch_too_large_for_the_cache_reported_as_a_write_error_is_split() {
 async fn refused_documents_with_large_keys_do_not_stall_the_pair() {
     let (src, f1) = (Server::start().await, Server::start().await);
     f1.unique_index("email").await;
-    let cfg = ConfigBuilder::new(&src, &[&f1]);
+    let cfg = ConfigBuilder::new(&src, &[&f1]).extra(OWN_INDEXES);
     let mut r = Replicator::start(&cfg, "n1");
     let s = src.coll("data").await;
     let f = f1.coll("data").await;
@@ -837,7 +843,7 @@ async fn a_hung_source_holds_nothing_and_shutdown_is_bounded() {
 async fn refused_documents_with_a_large_duplicate_value_are_quarantined_compactly() {
     let (src, f1) = (Server::start().await, Server::start().await);
     f1.unique_index("email").await;
-    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]), "n1");
+    let mut r = Replicator::start(&ConfigBuilder::new(&src, &[&f1]).extra(OWN_INDEXES), "n1");
     let s = src.coll("data").await;
     let f = f1.coll("data").await;
     let big = "e".repeat(1200 * 1024);
