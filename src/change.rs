@@ -14,7 +14,10 @@
 
 use std::collections::HashMap;
 
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
+use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
+
+use crate::checkpoint::token_cluster_time;
 
 use crate::config::MissingKey;
 
@@ -295,6 +298,59 @@ impl Plan {
         }
         plan
     }
+}
+
+/// A change event as the replicator reads it: the full document kept as raw BSON.
+pub type Event = ChangeStreamEvent<RawDocumentBuf>;
+
+/// The stream filter of one collection in a database stream: its events, a rename into it,
+/// and the database's drop.
+pub fn collection_filter(coll: &str) -> Document {
+    doc! {"$match": {"$or": [
+        {"ns.coll": coll},
+        {"to.coll": coll},
+        {"operationType": "dropDatabase"},
+    ]}}
+}
+
+/// Whether `ev` concerns collection `coll` (see [`collection_filter`]).
+pub fn concerns(ev: &Event, coll: &str) -> bool {
+    ev.operation_type == OperationType::DropDatabase
+        || ev
+            .ns
+            .as_ref()
+            .and_then(|n| n.coll.as_deref())
+            .is_some_and(|c| c == coll)
+        || ev
+            .to
+            .as_ref()
+            .and_then(|n| n.coll.as_deref())
+            .is_some_and(|c| c == coll)
+}
+
+/// The cluster time of an event (from the event, else from its token).
+pub fn event_time(ev: &Event) -> Option<Timestamp> {
+    ev.cluster_time.or_else(|| token_time(&ev.id))
+}
+
+/// The cluster time inside a resume token, when its shape is known.
+pub fn token_time(t: &ResumeToken) -> Option<Timestamp> {
+    match mongodb::bson::to_bson(t) {
+        Ok(mongodb::bson::Bson::Document(d)) => token_cluster_time(&d),
+        _ => None,
+    }
+}
+
+/// What an event holds in memory, roughly: its document, plus its document key twice (the
+/// key itself, and the resume token, which on MongoDB embeds it).
+pub fn event_bytes(ev: &Event) -> usize {
+    let doc = ev.full_document.as_ref().map_or(0, |d| d.as_bytes().len());
+    let key = ev
+        .document_key
+        .as_ref()
+        .and_then(|k| mongodb::bson::to_vec(k).ok())
+        .map_or(0, |v| v.len());
+    doc + 2 * key
 }
 
 #[cfg(test)]

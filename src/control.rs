@@ -3,7 +3,7 @@
 //! They are kept in the source deployment, beside the lease (`lease.database`, collection
 //! `control`), so a pause holds on every node, across failovers and restarts. Every node
 //! reads them every second; the leader's pipelines of a paused follower hold (see
-//! [`crate::pipeline`]).
+//! [`crate::applier`]).
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -116,7 +116,7 @@ async fn run(cli: Cli) -> ExitCode {
                     eprintln!("error: {e}");
                     return ExitCode::from(EXIT_USAGE);
                 }
-                mongo_replicator::service::init_logging(&config);
+                mongo_replicator::logging::init_logging(&config);
                 for w in &config.warnings {
                     tracing::warn!("{w}");
                 }

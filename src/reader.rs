@@ -2,7 +2,7 @@
 //! every pipeline (collection, follower) of that database.
 //!
 //! A pipeline starts on its own stream, from its own checkpoint (see
-//! [`crate::pipeline`]). Once that stream has caught up, the pipeline subscribes here and
+//! [`crate::applier`]). Once that stream has caught up, the pipeline subscribes here and
 //! hands over without a gap: the subscription queues every event after the reader's position
 //! at that moment (`from`), and the pipeline switches as soon as its own stream has passed
 //! `from`, taking queued events from its own last cluster time on (an overlap at one cluster
@@ -19,109 +19,23 @@
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mongodb::bson::{doc, Document, RawDocumentBuf, Timestamp};
-use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
+use mongodb::bson::doc;
+use mongodb::change_stream::event::{OperationType, ResumeToken};
 use mongodb::options::FullDocumentType;
 use mongodb::Client;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{token_cluster_time, ts_key};
+use crate::change::{event_bytes, event_time, Event};
+use crate::fanout::Fanout;
 
 /// How long a getMore waits on the source for new events.
 const MAX_AWAIT: Duration = Duration::from_millis(500);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-pub type Event = ChangeStreamEvent<RawDocumentBuf>;
-
-/// What a subscription receives.
-#[derive(Debug)]
-pub enum HubItem {
-    /// An event of the subscriber's collection (or of the whole database), with its size.
-    Event(Arc<Event>, usize),
-    /// A post-batch token: everything up to it was delivered.
-    Idle(ResumeToken),
-    /// The subscription ended (the reader failed, or the subscriber fell behind): go back to
-    /// the pipeline's own stream.
-    Detached(String),
-}
-
-/// The stream filter of one collection in a database stream: its events, a rename into it,
-/// and the database's drop.
-pub fn collection_filter(coll: &str) -> Document {
-    doc! {"$match": {"$or": [
-        {"ns.coll": coll},
-        {"to.coll": coll},
-        {"operationType": "dropDatabase"},
-    ]}}
-}
-
-/// Whether `ev` concerns collection `coll` (see [`collection_filter`]).
-pub fn concerns(ev: &Event, coll: &str) -> bool {
-    ev.operation_type == OperationType::DropDatabase
-        || ev
-            .ns
-            .as_ref()
-            .and_then(|n| n.coll.as_deref())
-            .is_some_and(|c| c == coll)
-        || ev
-            .to
-            .as_ref()
-            .and_then(|n| n.coll.as_deref())
-            .is_some_and(|c| c == coll)
-}
-
-/// The cluster time of an event (from the event, else from its token).
-pub fn event_time(ev: &Event) -> Option<Timestamp> {
-    ev.cluster_time.or_else(|| token_time(&ev.id))
-}
-
-/// The cluster time inside a resume token, when its shape is known.
-pub fn token_time(t: &ResumeToken) -> Option<Timestamp> {
-    match mongodb::bson::to_bson(t) {
-        Ok(mongodb::bson::Bson::Document(d)) => token_cluster_time(&d),
-        _ => None,
-    }
-}
-
-/// What an event holds in memory, roughly: its document, plus its document key twice (the
-/// key itself, and the resume token, which on MongoDB embeds it).
-pub fn event_bytes(ev: &Event) -> usize {
-    let doc = ev.full_document.as_ref().map_or(0, |d| d.as_bytes().len());
-    let key = ev
-        .document_key
-        .as_ref()
-        .and_then(|k| mongodb::bson::to_vec(k).ok())
-        .map_or(0, |v| v.len());
-    doc + 2 * key
-}
-
-struct Sub {
-    id: u64,
-    coll: String,
-    tx: mpsc::UnboundedSender<HubItem>,
-    queued: Arc<Queued>,
-}
-
-/// A subscription's queue depth.
-#[derive(Default)]
-pub struct Queued {
-    bytes: AtomicUsize,
-    events: AtomicUsize,
-}
-
-struct Inner {
-    /// The cluster time of the last item fanned out; `None` until the stream is open.
-    position: Option<Timestamp>,
-    subs: Vec<Sub>,
-    next_id: u64,
-    started: bool,
-}
 
 /// The reader of one source database.
 pub struct Hub {
@@ -130,41 +44,15 @@ pub struct Hub {
     /// Expanded events (index and collection DDL) are read too.
     expanded: bool,
     batch: u32,
-    /// A subscription holding more than this many bytes, or `max_events` events, is detached.
+    /// The byte budget of the subscriptions; replies are sized to half of it.
     max_bytes: usize,
-    max_events: usize,
-    inner: Mutex<Inner>,
+    pub fanout: Arc<Fanout>,
+    started: AtomicBool,
     stop: CancellationToken,
     /// Woken when a collection is created in the database.
     pub created: tokio::sync::Notify,
     /// Events read from the source.
     events_read: prometheus::IntCounter,
-}
-
-/// A pipeline's subscription; dropping it unsubscribes.
-pub struct Subscription {
-    pub rx: mpsc::UnboundedReceiver<HubItem>,
-    /// The reader's position when the subscription began: every later item is queued.
-    pub from: Timestamp,
-    queued: Arc<Queued>,
-    hub: Weak<Hub>,
-    id: u64,
-}
-
-impl Subscription {
-    /// Marks an item as taken off the queue.
-    pub fn taken(&self, bytes: usize) {
-        self.queued.bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.queued.events.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if let Some(hub) = self.hub.upgrade() {
-            hub.lock().subs.retain(|s| s.id != self.id);
-        }
-    }
 }
 
 impl Hub {
@@ -183,54 +71,12 @@ impl Hub {
             expanded: r.indexes,
             batch: r.batch_max_docs as u32,
             max_bytes,
-            max_events: 4 * r.batch_max_docs,
-            inner: Mutex::new(Inner {
-                position: None,
-                subs: Vec::new(),
-                next_id: 0,
-                started: false,
-            }),
+            fanout: Fanout::new(max_bytes, 4 * r.batch_max_docs),
+            started: AtomicBool::new(false),
             stop,
             created: tokio::sync::Notify::new(),
             events_read: metrics.source_events.with_label_values(&[db]),
         })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Subscribes to the events of `coll`; `None` while the reader has no position yet (it
-    /// is started by the first call).
-    pub fn subscribe(self: &Arc<Self>, coll: &str) -> Option<Subscription> {
-        let mut inner = self.lock();
-        if !inner.started {
-            inner.started = true;
-            tokio::spawn(self.clone().run());
-        }
-        let from = inner.position?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let id = inner.next_id;
-        inner.next_id += 1;
-        let queued = Arc::new(Queued::default());
-        inner.subs.push(Sub {
-            id,
-            coll: coll.to_string(),
-            tx,
-            queued: queued.clone(),
-        });
-        Some(Subscription {
-            rx,
-            from,
-            queued,
-            hub: Arc::downgrade(self),
-            id,
-        })
-    }
-
-    /// Number of pipelines reading from this reader now.
-    pub fn subscribers(&self) -> usize {
-        self.lock().subs.len()
     }
 
     /// Reads the database's stream until stopped. An interrupted stream is reopened from the
@@ -238,6 +84,15 @@ impl Hub {
     /// (history lost, or failures past `silence`), every subscriber is detached (each goes
     /// back to its own stream from its own checkpoint) and the reader starts again at the
     /// present.
+    /// Subscribes to the events of `coll` (see [`Fanout::subscribe`]); the first call
+    /// starts the reader.
+    pub fn subscribe(self: &Arc<Self>, coll: &str) -> Option<crate::fanout::Subscription> {
+        if !self.started.swap(true, Ordering::SeqCst) {
+            tokio::spawn(self.clone().run());
+        }
+        self.fanout.subscribe(coll)
+    }
+
     async fn run(self: Arc<Self>) {
         let mut backoff = BACKOFF_START;
         let mut token: Option<ResumeToken> = None;
@@ -270,7 +125,7 @@ impl Hub {
             if token.is_none() {
                 failing_since = None;
                 tracing::debug!(database = %self.db, error = %reason, "shared reader starts again at the present; its pipelines read their own streams until they have caught up");
-                self.detach_all(&reason);
+                self.fanout.detach_all(&reason);
             } else {
                 tracing::debug!(database = %self.db, error = %reason, "shared reader interrupted; reopening it where it stopped");
             }
@@ -280,15 +135,7 @@ impl Hub {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        self.detach_all("the node stops leading");
-    }
-
-    fn detach_all(&self, reason: &str) {
-        let mut inner = self.lock();
-        inner.position = None;
-        for s in inner.subs.drain(..) {
-            let _ = s.tx.send(HubItem::Detached(reason.to_string()));
-        }
+        self.fanout.detach_all("the node stops leading");
     }
 
     /// Reads from `token` (the present when `None`) with `batch` events per reply, moving
@@ -343,13 +190,13 @@ impl Hub {
                     avg = Some(a);
                     let id = ev.id.clone();
                     let after = stream.resume_token();
-                    self.fan_out(Arc::new(ev), t);
+                    self.fanout.fan_out(Arc::new(ev), t);
                     *token = Some(id.clone());
                     // A token other than the event's own is the post-batch token of an
                     // exhausted batch: a high-water mark, shared with every subscriber.
                     if let Some(tok) = after.filter(|tok| tok != &id) {
                         *token = Some(tok.clone());
-                        self.idle(tok);
+                        self.fanout.idle(tok);
                         // Between replies: the next one asks for as many events as fit.
                         let fit = ((budget / a.max(1.0)) as u32).clamp(1, self.batch);
                         if fit < batch || fit >= batch.saturating_mul(4) {
@@ -360,7 +207,7 @@ impl Hub {
                 Ok(Ok(None)) => {
                     if let Some(tok) = stream.resume_token() {
                         *token = Some(tok.clone());
-                        self.idle(tok);
+                        self.fanout.idle(tok);
                     }
                 }
             }
@@ -368,46 +215,6 @@ impl Hub {
                 return ReadEnd::Failed("the change stream ended".into());
             }
         }
-    }
-
-    fn fan_out(&self, ev: Arc<Event>, t: Timestamp) {
-        let size = event_bytes(&ev);
-        let mut inner = self.lock();
-        let (max_bytes, max_events) = (self.max_bytes, self.max_events);
-        inner.subs.retain(|s| {
-            if !concerns(&ev, &s.coll) {
-                return true;
-            }
-            let bytes = s.queued.bytes.fetch_add(size, Ordering::Relaxed) + size;
-            let events = s.queued.events.fetch_add(1, Ordering::Relaxed) + 1;
-            if bytes > max_bytes && events > 1 || events > max_events {
-                let _ = s.tx.send(HubItem::Detached(format!(
-                    "fell behind the shared reader ({events} events, {bytes} bytes queued)"
-                )));
-                return false;
-            }
-            s.tx.send(HubItem::Event(ev.clone(), size)).is_ok()
-        });
-        inner.position = Some(max_ts(inner.position, t));
-    }
-
-    fn idle(&self, token: ResumeToken) {
-        let t = token_time(&token);
-        let mut inner = self.lock();
-        inner.subs.retain(|s| {
-            s.queued.events.fetch_add(1, Ordering::Relaxed);
-            s.tx.send(HubItem::Idle(token.clone())).is_ok()
-        });
-        if let Some(t) = t {
-            inner.position = Some(max_ts(inner.position, t));
-        }
-    }
-}
-
-fn max_ts(a: Option<Timestamp>, b: Timestamp) -> Timestamp {
-    match a {
-        Some(a) if ts_key(a) > ts_key(b) => a,
-        _ => b,
     }
 }
 

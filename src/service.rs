@@ -12,15 +12,14 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::filter::Targets;
 
+use crate::applier::{Exit, Pair};
 use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
 use crate::follower::Follower;
 use crate::lease::{Authority, Lease};
 use crate::namespace::Ns;
 pub use crate::node::Node;
-use crate::pipeline::{Exit, Pair};
 use crate::reader::Hubs;
 use crate::status::{LeaseView, NodeStatus};
 
@@ -387,39 +386,6 @@ fn set_own_lease_view(node: &Node, auth: &Authority) {
         holder: Some(node.config.node_id().to_string()),
         expires_in_ms: Some(left.as_millis() as i64),
     });
-}
-
-/// Logs to stderr at `[log] level` (`RUST_LOG` overrides it), as text or JSON lines.
-pub fn init_logging(config: &Config) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .and_then(|v| match crate::config::log_filter(&v) {
-            Ok(t) => Some(t),
-            Err(m) => {
-                eprintln!("warning: RUST_LOG=`{v}` {m}; using log.level");
-                None
-            }
-        })
-        // log.level was checked when the config was loaded.
-        .unwrap_or_else(|| {
-            crate::config::log_filter(&config.log.level)
-                .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
-        });
-    // Colours only for a person at a terminal: not in files, pipes or journals.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none();
-    // The fmt subscriber's own default stops at INFO: let everything through to the filter.
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let _ = match config.log.format {
-        crate::config::LogFormat::Json => builder.json().finish().with(filter).try_init(),
-        crate::config::LogFormat::Text => builder.finish().with(filter).try_init(),
-    };
 }
 
 /// How often the oplog headroom is measured.

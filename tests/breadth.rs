@@ -478,12 +478,15 @@ async fn indexes_and_collection_options_follow_the_source_at_the_copy_and_while_
         "validator": {"dataId": {"$exists": true}}},
     )
     .await;
-    run_cmd(&sdb, doc! {"createIndexes": "data", "indexes": [
-        {"key": {"email": 1}, "name": "email_unique", "unique": true,
-         "partialFilterExpression": {"email": {"$exists": true}}},
-        {"key": {"seen": 1}, "name": "seen_ttl", "expireAfterSeconds": 3600, "sparse": true},
-        {"key": {"h": 1}, "name": "h_hidden", "hidden": true},
-    ]})
+    run_cmd(
+        &sdb,
+        doc! {"createIndexes": "data", "indexes": [
+            {"key": {"email": 1}, "name": "email_unique", "unique": true,
+             "partialFilterExpression": {"email": {"$exists": true}}},
+            {"key": {"seen": 1}, "name": "seen_ttl", "expireAfterSeconds": 3600, "sparse": true},
+            {"key": {"h": 1}, "name": "h_hidden", "hidden": true},
+        ]},
+    )
     .await;
     let s = src.coll("data").await;
     insert_n(&s, "a", 100).await;
@@ -527,7 +530,9 @@ async fn indexes_and_collection_options_follow_the_source_at_the_copy_and_while_
         doc! {"createIndexes": "later", "indexes": [{"key": {"k": 1}, "name": "k_unique", "unique": true}]},
     )
     .await;
-    s.insert_one(doc! {"dataId": "after", "n": 1_i64}).await.unwrap();
+    s.insert_one(doc! {"dataId": "after", "n": 1_i64})
+        .await
+        .unwrap();
     src.coll("later")
         .await
         .insert_one(doc! {"dataId": "l1", "k": 1})
@@ -541,7 +546,12 @@ async fn indexes_and_collection_options_follow_the_source_at_the_copy_and_while_
             && meta_diff(&src, &f1, "later").await.is_empty()
     })
     .await;
-    wait_identical(&src.coll("later").await, &[f1.coll("later").await], CONVERGE).await;
+    wait_identical(
+        &src.coll("later").await,
+        &[f1.coll("later").await],
+        CONVERGE,
+    )
+    .await;
     let (code, out) = run_check(&r.config_path, &[]);
     assert_eq!(code, 0, "{out}");
 

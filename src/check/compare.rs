@@ -10,9 +10,15 @@ use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
 use mongodb::Collection;
 use sha2::{Digest, Sha256};
 
-use super::recheck::Verdict;
 use super::{cannot_run, CheckArgs, CheckError, Kind, PairReport};
 use crate::order::cmp_bson;
+
+/// The outcome of rechecking one key.
+pub(super) enum Verdict {
+    Same,
+    Differs(Kind),
+    Unsettled,
+}
 
 pub(super) struct Checker {
     pub(super) src: Collection<Document>,

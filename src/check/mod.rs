@@ -218,7 +218,7 @@ pub async fn main(args: CheckArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    crate::service::init_logging(&config);
+    crate::logging::init_logging(&config);
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

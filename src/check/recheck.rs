@@ -7,15 +7,8 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
 use mongodb::Collection;
 
-use super::compare::{key_bytes, raw_key, Checker};
+use super::compare::{key_bytes, raw_key, Checker, Verdict};
 use super::{cannot_run, CheckError, Kind};
-
-/// The outcome of rechecking one key.
-pub(super) enum Verdict {
-    Same,
-    Differs(Kind),
-    Unsettled,
-}
 
 impl Checker {
     /// Decides, for keys that differed, which are real differences and which were changes

@@ -1,0 +1,296 @@
+//! The initial sync: the follower collection gets the source's options and indexes, then
+//! every document in `_id` order (resumable), then loses what the source does not have.
+
+use super::*;
+
+impl Pair {
+    /// A checkpoint at the source's present, from a fresh stream's post-batch token.
+    pub(super) async fn capture_now(&self) -> Result<Checkpoint, PairError> {
+        let stream = self.src(self.coll().watch().into_future()).await?;
+        let token = stream.resume_token().ok_or_else(|| {
+            PairError::Transient("source returned no resume token for a new change stream".into())
+        })?;
+        Ok(Checkpoint::new(token_doc(&token)?, None))
+    }
+
+    pub(super) async fn start_now(&self) -> Result<Checkpoint, PairError> {
+        let cp = self.capture_now().await?;
+        self.commit(Vec::new(), cp.clone(), 0, true).await?;
+        Ok(cp)
+    }
+
+    /// Copies the source collection into the follower, resuming a copy that was cut short,
+    /// then removes follower documents the source does not have. Returns the checkpoint to
+    /// stream from: a position captured before the copy began, so that every change made
+    /// during the copy is replayed afterwards (harmless, as writes are idempotent).
+    pub(super) async fn initial_sync(
+        &self,
+        resume: Option<Checkpoint>,
+        stop: &CancellationToken,
+    ) -> Result<Checkpoint, PairError> {
+        self.stats.set_state(PairState::InitialSync, None);
+        let (base, mut after) = match resume {
+            Some(cp) => {
+                let after = cp.copy_after.clone().unwrap_or(Bson::Null);
+                (cp, after)
+            }
+            None => {
+                // The copy's start is recorded on the follower (so a crash resumes it, and
+                // its quarantine starts afresh: the copy writes every document again).
+                let mut base = self.capture_now().await?;
+                // The follower collection gets the source's options and indexes before any
+                // document (a capped size or a collation cannot be changed afterwards).
+                self.sync_meta(true).await?;
+                base.copy_after = Some(Bson::Null);
+                self.commit(Vec::new(), base.clone(), 0, false).await?;
+                self.stats.set_quarantined(0);
+                (base, Bson::Null)
+            }
+        };
+        let filter = if after == Bson::Null {
+            doc! {}
+        } else {
+            after_filter(&after)
+        };
+        let coll = self.coll();
+        let total = self
+            .src(coll.count_documents(filter.clone()).into_future())
+            .await?;
+        let bytes_total = self.source_bytes(total).await;
+        self.stats.copy_started(0, total, 0, bytes_total);
+        let _ended = OnDrop(|| self.stats.copy_ended());
+        tracing::info!(follower = %self.name(), collection = %self.label, total, resumed = after != Bson::Null, "initial sync: copying documents");
+        let mut cursor = self
+            .src(
+                coll.clone_with_type::<RawDocumentBuf>()
+                    .find(filter)
+                    .sort(doc! {"_id": 1})
+                    .batch_size(
+                        self.stream_batch
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                            .clamp(1, 10_000),
+                    )
+                    .into_future(),
+            )
+            .await?;
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        let mut done: u64 = 0;
+        let mut bytes_done: u64 = 0;
+        let mut ops = Vec::new();
+        let mut bytes = 0usize;
+        let max = self.config.replication.batch_max_docs;
+        let max_bytes = self.config.replication.batch_max_bytes.as_u64() as usize;
+        loop {
+            let next = self.src(cursor.try_next()).await?;
+            let finished = next.is_none();
+            if let Some(raw) = next {
+                bytes += raw.as_bytes().len();
+                bytes_done += raw.as_bytes().len() as u64;
+                let doc = decode(&raw)?;
+                let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+                if let Err(e) = self.push_upsert(doc, &mut ops) {
+                    // Copy what came before the bad document, then stop at it.
+                    self.commit_copied(&base, &after, &mut ops).await?;
+                    return Err(e);
+                }
+                after = id;
+                done += 1;
+            }
+            if ops.len() >= max || bytes >= max_bytes || finished {
+                bytes = 0;
+                self.commit_copied(&base, &after, &mut ops).await?;
+                if stop.is_cancelled() {
+                    tracing::info!(follower = %self.name(), collection = %self.label, done, "initial sync interrupted by shutdown; it resumes where it stopped");
+                    return Err(PairError::Stopped);
+                }
+                if self.stats.is_paused() {
+                    return Err(PairError::Paused);
+                }
+            }
+            self.stats.copy_progress(done, bytes_done);
+            if last_log.elapsed() >= Duration::from_secs(2) || finished {
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    follower = %self.name(), collection = %self.label,
+                    done, total, rate_per_s = (done as f64 / secs) as u64,
+                    "initial sync progress: {done} of {total} documents"
+                );
+                last_log = Instant::now();
+            }
+            if finished {
+                break;
+            }
+        }
+        // An archive follower keeps documents the source no longer has.
+        let removed = if self.follower.applies_deletes() {
+            self.remove_extras(&base, &after).await?
+        } else {
+            0
+        };
+        let mut cp = base;
+        cp.copy_after = None;
+        self.commit(Vec::new(), cp.clone(), 0, false).await?;
+        tracing::info!(follower = %self.name(), collection = %self.label, copied = done, removed, secs = started.elapsed().as_secs_f64(), "initial sync done; streaming from the position taken before the copy");
+        Ok(cp)
+    }
+
+    /// Makes the follower collection's indexes and options those of the source collection
+    /// (`replication.indexes`), keeping the replicator's own key index. `recreate` (a copy
+    /// is starting) lets it drop and create the follower collection anew when an option
+    /// that cannot change in place (capped size, collation) differs.
+    pub(super) async fn sync_meta(&self, recreate: bool) -> Result<(), PairError> {
+        if !self.config.replication.indexes {
+            return Ok(());
+        }
+        self.check_authority()?;
+        let src = self
+            .src(crate::meta::read(
+                &self.source.database(&self.ns.db),
+                &self.ns.coll,
+            ))
+            .await?;
+        if !src.exists {
+            // Dropped since: its drop event follows in the stream.
+            return Ok(());
+        }
+        let fdb = self
+            .follower
+            .client()
+            .database(self.follower.target_db(&self.ns));
+        let key_field = self.follower.key_field(&self.ns);
+        let limit = self.config.replication.write_timeout;
+        let applied = match tokio::time::timeout(
+            limit,
+            crate::meta::apply(&src, &fdb, &self.ns.coll, key_field, recreate),
+        )
+        .await
+        {
+            Ok(Ok(applied)) => applied,
+            // The follower answered and refused (no privilege for collMod, a unique index
+            // that its data breaks, an option it does not know): the documents still
+            // replicate; the difference is logged, counted, and shown by `check`.
+            Ok(Err(e)) if crate::source::error_code(&e).is_some() => {
+                tracing::warn!(follower = %self.name(), collection = %self.label, error = %describe(&e), "could not bring the follower's indexes or options in line with the source; documents still replicate, and `check` shows the difference");
+                self.stats.skipped("indexes_or_options");
+                return Ok(());
+            }
+            Ok(Err(e)) => return Err(PairError::Transient(format!("follower: {}", describe(&e)))),
+            Err(_) => {
+                return Err(PairError::Transient(format!(
+                    "follower did not answer within {} (replication.write_timeout)",
+                    humantime::format_duration(limit)
+                )))
+            }
+        };
+        for change in &applied.changed {
+            tracing::info!(follower = %self.name(), collection = %self.label, change = %change, "follower indexes and options brought in line with the source");
+        }
+        for left in &applied.unfixed {
+            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %left, "a collection option differs from the source's and cannot change in place; a resync of this follower recreates the collection");
+        }
+        self.follower.ensure_key_index(&self.ns).await?;
+        Ok(())
+    }
+
+    /// The bytes of documents a copy of `remaining` documents reads, from the source's
+    /// collection statistics (0 when the source does not say).
+    pub(super) async fn source_bytes(&self, remaining: u64) -> u64 {
+        let stats = async {
+            let mut cur = self
+                .coll()
+                .aggregate([doc! {"$collStats": {"storageStats": {}}}])
+                .await?;
+            cur.try_next().await
+        };
+        let Ok(Ok(Some(d))) = tokio::time::timeout(Duration::from_secs(5), stats).await else {
+            return 0;
+        };
+        let s = d.get_document("storageStats").ok();
+        let get = |k: &str| s.and_then(|s| s.get(k)).and_then(crate::follower::bson_i64);
+        match (get("size"), get("count")) {
+            (Some(size), Some(count)) if count > 0 => {
+                (size.max(0) as u128 * remaining.min(count as u64) as u128 / count as u128) as u64
+            }
+            (Some(size), _) => size.max(0) as u64,
+            _ => 0,
+        }
+    }
+
+    /// Applies the copied documents in `ops` (if any), recording that the copy has reached
+    /// the source `_id` `after`.
+    pub(super) async fn commit_copied(
+        &self,
+        base: &Checkpoint,
+        after: &Bson,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), PairError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut cp = base.clone();
+        cp.copy_after = Some(after.clone());
+        let n = ops.len() as u64;
+        self.commit(std::mem::take(ops), cp, n, false).await
+    }
+
+    /// Deletes follower documents whose `_id` the source does not have, fenced and swapped
+    /// like every batch, with the copy's checkpoint (so a crash here resumes at this step).
+    pub(super) async fn remove_extras(
+        &self,
+        base: &Checkpoint,
+        after: &Bson,
+    ) -> Result<u64, PairError> {
+        let fcoll: Collection<Document> = self.follower.target(&self.ns);
+        let mut cursor = self
+            .fol(
+                fcoll
+                    .find(doc! {})
+                    .projection(doc! {"_id": 1})
+                    .sort(doc! {"_id": 1})
+                    .batch_size(1000)
+                    .into_future(),
+            )
+            .await?;
+        let mut removed = 0;
+        let mut chunk = Vec::new();
+        loop {
+            let next = self.fol(cursor.try_next()).await?;
+            let finished = next.is_none();
+            if let Some(d) = next {
+                if let Some(id) = d.get("_id") {
+                    chunk.push(id.clone());
+                }
+            }
+            if chunk.len() >= 1000 || (finished && !chunk.is_empty()) {
+                let ids = std::mem::take(&mut chunk);
+                let found = self
+                    .src(async {
+                        self.coll()
+                            .find(crate::order::in_filter("_id", &ids))
+                            .projection(doc! {"_id": 1})
+                            .await?
+                            .try_collect::<Vec<Document>>()
+                            .await
+                    })
+                    .await?;
+                let present: Vec<Bson> = found
+                    .into_iter()
+                    .filter_map(|d| d.get("_id").cloned())
+                    .collect();
+                let mut extra: Vec<Op> = ids
+                    .into_iter()
+                    .filter(|i| !present.contains(i))
+                    .map(|id| Op::Delete { id })
+                    .collect();
+                removed += extra.len() as u64;
+                if !extra.is_empty() {
+                    self.commit_copied(base, after, &mut extra).await?;
+                }
+            }
+            if finished {
+                return Ok(removed);
+            }
+        }
+    }
+}
