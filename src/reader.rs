@@ -164,6 +164,7 @@ impl Hub {
         // The bytes of one reply: `batch` events of the recent average size.
         let budget = self.max_bytes as f64 / 2.0;
         let mut avg: Option<f64> = None;
+        let mut since_open: u64 = 0;
         let silence = Duration::from_secs(30);
         loop {
             let next = tokio::select! {
@@ -188,6 +189,7 @@ impl Hub {
                     let size = event_bytes(&ev) as f64;
                     let a = avg.map_or(size, |a| 0.9 * a + 0.1 * size);
                     avg = Some(a);
+                    since_open += 1;
                     let id = ev.id.clone();
                     let after = stream.resume_token();
                     self.fanout.fan_out(Arc::new(ev), t);
@@ -197,11 +199,16 @@ impl Hub {
                     if let Some(tok) = after.filter(|tok| tok != &id) {
                         *token = Some(tok.clone());
                         self.fanout.idle(tok);
-                        // Between replies: the next one asks for as many events as fit.
-                        let fit = ((budget / a.max(1.0)) as u32).clamp(1, self.batch);
-                        if fit < batch || fit >= batch.saturating_mul(4) {
-                            return ReadEnd::Resize(fit);
-                        }
+                    }
+                    // Replies hold `batch` events: as soon as events grow, ask for fewer
+                    // (reopening where it stopped), so the next reply stays within budget;
+                    // when they shrink for a while, ask for more again.
+                    let fit = |s: f64| ((budget / s.max(1.0)) as u32).clamp(1, self.batch);
+                    if fit(a.max(size)) * 2 <= batch {
+                        return ReadEnd::Resize(fit(a.max(size)));
+                    }
+                    if fit(a) >= batch.saturating_mul(4) && since_open >= 4 * batch as u64 {
+                        return ReadEnd::Resize(fit(a));
                     }
                 }
                 Ok(Ok(None)) => {
