@@ -214,6 +214,9 @@ pub struct Follower {
     /// One session per collection, reused for every batch; its id is registered on the
     /// follower so that a later leader can abort a transaction this process left open.
     sessions: tokio::sync::Mutex<HashMap<String, ClientSession>>,
+    /// Per follower database, whether the user may bypass document validation (see
+    /// [`Follower::bypasses_validation`]).
+    bypass: std::sync::Mutex<HashMap<String, bool>>,
 }
 
 impl Follower {
@@ -240,6 +243,7 @@ impl Follower {
             state_ready: std::sync::atomic::AtomicBool::new(false),
             incarnation: ObjectId::new().to_hex(),
             sessions: tokio::sync::Mutex::new(HashMap::new()),
+            bypass: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -959,7 +963,10 @@ impl Follower {
             })?;
         }
         for (start, chunk) in chunks(&plan.upserts) {
-            let cmd = doc! {"update": &ns.coll, "updates": chunk, "ordered": true};
+            let mut cmd = doc! {"update": &ns.coll, "updates": chunk, "ordered": true};
+            if self.bypasses_validation(ns).await {
+                cmd.insert("bypassDocumentValidation", true);
+            }
             let res = self
                 .command(self.target_db(ns), cmd, session.as_deref_mut())
                 .await
@@ -1096,6 +1103,49 @@ impl Follower {
             .write_concern(durable(self.timeout))
             .await?;
         Ok(())
+    }
+
+    /// Whether writes to `ns` skip the follower's document validation. With
+    /// `replication.indexes`, a follower's validator is the source's, and the source has
+    /// already accepted every document it sends (documents older than its validator
+    /// included, which a validator applied first would refuse), as MongoDB's own replication
+    /// does. That needs the `bypassDocumentValidation` privilege (in `dbAdmin`): without it,
+    /// documents are validated, and one the follower refuses is quarantined.
+    async fn bypasses_validation(&self, ns: &Ns) -> bool {
+        if !self.replication.indexes {
+            return false;
+        }
+        let db = self.target_db(ns).to_string();
+        if let Some(known) = self
+            .bypass
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&db)
+        {
+            return *known;
+        }
+        // The privilege is checked before the command runs; this one changes nothing.
+        let probe = doc! {
+            "update": "mongo_replicator_probe",
+            "updates": [{"q": {"_id": {"$eq": 0}}, "u": {"$set": {"probe": 1}}, "upsert": false}],
+            "bypassDocumentValidation": true,
+        };
+        let answer =
+            tokio::time::timeout(self.timeout, self.client.database(&db).run_command(probe)).await;
+        let allowed = match answer {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) if crate::source::error_code(&e) == Some(13) => {
+                tracing::warn!(follower = %self.name, database = %db, "the follower's user may not bypass document validation (grant it dbAdmin on this database): documents the source accepted before its validator changed may be refused here, and are then quarantined");
+                false
+            }
+            // Not known yet (unreachable, say): try with it; the batch fails the same way.
+            _ => return true,
+        };
+        self.bypass
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(db, allowed);
+        allowed
     }
 
     /// The follower database that `ns` is written into.

@@ -211,21 +211,25 @@ impl Selection {
     }
 }
 
-/// The plain collections of `db` (not views or time series).
+/// The plain collections of `db`: not views, time series, or capped collections (writes to
+/// those cannot be in the transactions that fence every follower write, and their evictions
+/// make no change events).
 pub async fn list_collections(client: &Client, db: &str) -> mongodb::error::Result<Vec<String>> {
     let specs: Vec<Document> = client
         .database(db)
         .run_cursor_command(doc! {
             "listCollections": 1,
             "filter": {"type": "collection"},
-            "nameOnly": true,
-            "authorizedCollections": true,
         })
         .await?
         .try_collect()
         .await?;
     Ok(specs
         .into_iter()
+        .filter(|d| {
+            !d.get_document("options")
+                .is_ok_and(|o| o.get_bool("capped").unwrap_or(false))
+        })
         .filter_map(|d| d.get_str("name").ok().map(str::to_string))
         .filter(|n| !is_system(n))
         .collect())

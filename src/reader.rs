@@ -98,6 +98,7 @@ impl Hub {
         let mut token: Option<ResumeToken> = None;
         let mut batch = self.batch;
         let mut failing_since: Option<std::time::Instant> = None;
+        let mut failed_at: Option<ResumeToken> = None;
         loop {
             if self.stop.is_cancelled() {
                 break;
@@ -115,6 +116,11 @@ impl Hub {
                     reason
                 }
                 ReadEnd::Failed(reason) => {
+                    // A read that moved on before it failed starts the count afresh.
+                    if token != failed_at {
+                        failing_since = None;
+                        failed_at = token.clone();
+                    }
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                     if since.elapsed() > Duration::from_secs(30) {
                         token = None;

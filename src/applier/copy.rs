@@ -39,7 +39,7 @@ impl Pair {
                 // its quarantine starts afresh: the copy writes every document again).
                 let mut base = self.capture_now().await?;
                 // The follower collection gets the source's options and indexes before any
-                // document (a capped size or a collation cannot be changed afterwards).
+                // document (a collation cannot be changed afterwards).
                 self.sync_meta(true).await?;
                 base.copy_after = Some(Bson::Null);
                 self.commit(Vec::new(), base.clone(), 0, false).await?;
@@ -135,6 +135,17 @@ impl Pair {
         Ok(cp)
     }
 
+    /// Whether the source collection is capped (then it is not replicated: see [`CAPPED`]).
+    pub(super) async fn source_is_capped(&self) -> Result<bool, PairError> {
+        let src = self
+            .src(crate::meta::read(
+                &self.source.database(&self.ns.db),
+                &self.ns.coll,
+            ))
+            .await?;
+        Ok(src.exists && is_capped(&src.options))
+    }
+
     /// Makes the follower collection's indexes and options those of the source collection
     /// (`replication.indexes`), keeping the replicator's own key index. `recreate` (a copy
     /// is starting) lets it drop and create the follower collection anew when an option
@@ -153,6 +164,18 @@ impl Pair {
         if !src.exists {
             // Dropped since: its drop event follows in the stream.
             return Ok(());
+        }
+        if is_capped(&src.options) {
+            return Err(PairError::Fatal(CAPPED.into()));
+        }
+        // An archive follower's collection is never dropped to be created anew: it holds
+        // what the source no longer has.
+        let recreate = recreate && self.follower.applies_deletes();
+        if recreate {
+            // Dropping the follower collection is not part of a transaction: make sure, on
+            // the follower itself, that no newer leader exists first.
+            self.follower.claim(&self.ns, self.authority.term()).await?;
+            self.check_authority()?;
         }
         let fdb = self
             .follower
@@ -293,4 +316,11 @@ impl Pair {
             }
         }
     }
+}
+
+/// Why a capped collection is not replicated.
+pub(super) const CAPPED: &str = "the source collection is capped, and capped collections are not replicated: writes to them cannot be part of the transactions that fence every follower write and commit it with its checkpoint, and their evictions make no change events, so a follower would drift; replicate a plain collection, or leave this one out (source.exclude)";
+
+fn is_capped(options: &mongodb::bson::Document) -> bool {
+    options.get_bool("capped").unwrap_or(false)
 }

@@ -470,6 +470,9 @@ impl Pair {
             tracing::info!(follower = %self.name(), collection = %self.label, sessions = aborted, "aborted transactions left open by earlier writers");
         }
         self.follower.claim(&self.ns, term).await?;
+        if self.source_is_capped().await? {
+            return Err(PairError::Fatal(copy::CAPPED.into()));
+        }
         self.follower.ensure_key_index(&self.ns).await?;
         self.stats
             .set_quarantined(self.follower.quarantine_count(&self.ns).await?);
