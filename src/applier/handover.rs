@@ -22,6 +22,8 @@ pub(super) async fn read_stream(
         budget.clone().acquire_many_owned(kib)
     };
     let mut last: Option<Timestamp> = None;
+    // The token of the last item, when it was an event (not a post-batch token).
+    let mut last_event: Option<ResumeToken>;
     let mut sub: Option<Subscription> = None;
     loop {
         let (item, caught_up) = match stream.next_if_any().await {
@@ -31,11 +33,13 @@ pub(super) async fn read_stream(
                     return;
                 };
                 last = event_time(&ev).or(last);
+                last_event = Some(ev.id.clone());
                 (Item::Event(Arc::new(ev), p, size), false)
             }
             Ok(None) => match stream.resume_token() {
                 Some(t) => {
                     last = token_time(&t).or(last);
+                    last_event = None;
                     (Item::Idle(t), true)
                 }
                 None => continue,
@@ -68,32 +72,78 @@ pub(super) async fn read_stream(
     };
     stats.set_shared(true);
     let _own_again = OnDrop(|| stats.set_shared(false));
+    // Events of the shared reader at `last` itself may have come from our own stream
+    // already (a transaction's events share one cluster time). When our last item was an
+    // event, those up to it are held back until it shows up (then dropped: delivered), so
+    // the checkpoint never steps back; if it never shows up, they are delivered after all.
+    let mut seeking = last_event;
+    let mut held: Vec<(Arc<crate::change::Event>, usize)> = Vec::new();
     loop {
-        let item = match sub.rx.recv().await {
+        let mut out = Vec::new();
+        match sub.rx.recv().await {
             Some(HubItem::Event(ev, size)) => {
                 sub.taken(size);
-                // Before our own stream's last cluster time: already delivered.
-                if event_time(&ev).is_some_and(|t| ts_key(t) < ts_key(last)) {
-                    continue;
+                let t = event_time(&ev);
+                let at = |c: Option<Timestamp>| c.map(|c| ts_key(c).cmp(&ts_key(last)));
+                match at(t) {
+                    // Before our own stream's last cluster time: already delivered.
+                    Some(std::cmp::Ordering::Less) => continue,
+                    Some(std::cmp::Ordering::Equal) if seeking.is_some() => {
+                        if seeking.as_ref() == Some(&ev.id) {
+                            seeking = None;
+                            held.clear();
+                        } else {
+                            held.push((ev, size));
+                        }
+                        continue;
+                    }
+                    _ => {
+                        seeking = None;
+                        out.append(&mut held);
+                        out.push((ev, size));
+                    }
                 }
-                let Ok(p) = permit(size).await else {
-                    return;
-                };
-                Item::Event(ev, p, size)
             }
             Some(HubItem::Idle(t)) => {
                 sub.taken(0);
-                if token_time(&t).is_some_and(|c| ts_key(c) < ts_key(last)) {
+                let c = token_time(&t);
+                if c.is_some_and(|c| ts_key(c) <= ts_key(last)) && seeking.is_some()
+                    || c.is_some_and(|c| ts_key(c) < ts_key(last))
+                {
                     continue;
                 }
-                Item::Idle(t)
+                seeking = None;
+                for (ev, size) in held.drain(..) {
+                    let Ok(p) = permit(size).await else {
+                        return;
+                    };
+                    if tx.send(Item::Event(ev, p, size)).await.is_err() {
+                        return;
+                    }
+                }
+                if tx.send(Item::Idle(t)).await.is_err() {
+                    return;
+                }
+                continue;
             }
-            Some(HubItem::Detached(reason)) => Item::Detached(reason),
-            None => Item::Detached("the shared reader stopped".into()),
-        };
-        let detached = matches!(item, Item::Detached(_));
-        if tx.send(item).await.is_err() || detached {
-            return;
+            Some(HubItem::Detached(reason)) => {
+                let _ = tx.send(Item::Detached(reason)).await;
+                return;
+            }
+            None => {
+                let _ = tx
+                    .send(Item::Detached("the shared reader stopped".into()))
+                    .await;
+                return;
+            }
+        }
+        for (ev, size) in out {
+            let Ok(p) = permit(size).await else {
+                return;
+            };
+            if tx.send(Item::Event(ev, p, size)).await.is_err() {
+                return;
+            }
         }
     }
 }
