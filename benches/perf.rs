@@ -895,7 +895,10 @@ async fn main() {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
     if profile != "release" {
-        eprintln!("warning: the replicator binary is a `{profile}` build, not an optimised one");
+        eprintln!(
+            "warning: the replicator is a `{profile}` build, not an optimised one: its figures \
+             mean nothing (fine for --smoke; scripts/bench.sh runs the optimised build)"
+        );
     }
     let doc_bytes = mongodb::bson::to_vec(&make_doc("s", 1))
         .map(|v| v.len())
