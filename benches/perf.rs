@@ -472,6 +472,11 @@ async fn copy_then_mixed(n: usize, seed: u64) -> (f64, f64, f64) {
     // Mixed: rounds of CHUNK changes; every change matches a document, so each is one event.
     // Per round: 30% inserts of new keys, 30% updates of the hot keys (each several times),
     // 25% updates of other live keys (a new payload), 15% deletes of other live keys.
+    let mut marker = f
+        .watch()
+        .pipeline([doc! {"$match": {"documentKey._id": "zz-end"}}])
+        .await
+        .expect("follower change stream");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut live: Vec<u64> = (HOT_KEYS..n as u64).collect();
     let mut next = n as u64;
@@ -517,19 +522,22 @@ async fn copy_then_mixed(n: usize, seed: u64) -> (f64, f64, f64) {
         round += 1;
     }
     // A marker written last: once it and the source's count are on the follower, the
-    // follower holds the final state (checked byte for byte below, untimed).
-    s.insert_one(doc! {"dataId": "zz-end"})
+    // follower holds the final state (checked byte for byte below, untimed). A change stream
+    // sees the marker arrive: queries on the follower's documents while batches commit
+    // stalled the test server's transactions (a find and the replicator's transaction each
+    // waited about 30 s for the other), so nothing here reads the documents until the end.
+    s.insert_one(doc! {"_id": "zz-end", "dataId": "zz-end"})
         .await
         .expect("marker");
     let source_rate = n as f64 / t.elapsed().as_secs_f64();
+    tokio::time::timeout(DEADLINE, marker.next())
+        .await
+        .expect("the marker reached the follower in time")
+        .expect("follower change stream open")
+        .expect("follower change event");
     let want = count(&s).await;
     wait_for("mixed changes on the follower", DEADLINE, || async {
-        f.find_one(doc! {"dataId": "zz-end"})
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-            && count(&f).await == want
+        count(&f).await == want
     })
     .await;
     let mixed = n as f64 / t.elapsed().as_secs_f64();
@@ -561,6 +569,10 @@ async fn catch_up(b: usize) -> (f64, f64, f64) {
     let rate = b as f64 / t.elapsed().as_secs_f64();
     let cpu = cpu_secs(r.pid()) - cpu0;
     let rss = r.peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
+    assert!(
+        !r.log().contains("copying this follower again"),
+        "the backlog fell off the source's oplog: the figure would be a copy, not a catch-up"
+    );
     assert_identical("catch-up", &s, &f).await;
     r.terminate().await;
     (rate, cpu, rss)
