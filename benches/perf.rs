@@ -22,7 +22,11 @@
 //! - a naive baseline: bare driver code applying one `replace_one` upsert per change, on
 //!   N / 5 streamed inserts.
 //!
-//! After every measurement each follower is compared with the source, byte for byte.
+//! A timed window ends when every follower has acknowledged the events (`applied_events` in
+//! `/status`; the initial copy: when the follower streams). The follower's documents are not
+//! read until then: on the test server such reads could stall the replicator's transactions.
+//! After every measurement each follower is compared with the source, byte for byte, and
+//! the replicator's failed batches ("pipeline interrupted" in its log) are counted.
 //! `--smoke` runs tiny sizes (a few seconds) and asserts nothing about speed.
 
 #[path = "../tests/common/mod.rs"]
@@ -266,6 +270,48 @@ async fn wait_streaming(r: &Replicator) {
     .await;
 }
 
+/// Events each follower has acknowledged (`applied_events` in `/status`, summed over its
+/// collections), in config order.
+async fn applied(r: &Replicator) -> Option<Vec<u64>> {
+    let s = r.status().await?;
+    s["followers"]
+        .as_array()?
+        .iter()
+        .map(|f| f["applied_events"].as_u64())
+        .collect()
+}
+
+/// Waits until every follower has acknowledged `n` more events than `base`. The end of a
+/// timed window is read from `/status`, not from the follower: on the test server, reads of
+/// the follower's collection (a find, a count, a change stream) while a batch commits could
+/// stall the batch's transaction until `write_timeout` (30 s), again and again.
+async fn wait_applied(r: &Replicator, base: &[u64], n: u64) {
+    wait_for(
+        "events acknowledged by every follower",
+        DEADLINE,
+        || async {
+            applied(r).await.is_some_and(|now| {
+                now.len() == base.len() && now.iter().zip(base).all(|(a, b)| *a >= b + n)
+            })
+        },
+    )
+    .await;
+}
+
+/// Pipeline interruptions (a batch that failed, typically on `write_timeout`) seen in the
+/// replicator logs of the current run.
+static INTERRUPTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts the node's pipeline interruptions, then stops it (SIGTERM).
+async fn finish(r: &mut Replicator) {
+    let n = r.log().matches("pipeline interrupted").count() as u64;
+    if n > 0 {
+        eprintln!("  ({n} pipeline interruption(s) in this measurement)");
+    }
+    INTERRUPTIONS.fetch_add(n, Ordering::SeqCst);
+    r.terminate().await;
+}
+
 // ---------------------------------------------------------------- ceiling
 
 /// Ceiling (a): events per second a change stream with update lookup delivers over a
@@ -384,6 +430,7 @@ async fn streaming(nf: usize, colls: usize, n: usize) -> Streamed {
             targets.push(f.coll(c).await);
         }
     }
+    let base = applied(&r).await.expect("status");
     let (cpu_s, cpu_r) = (cpu_secs(src.pid()), cpu_secs(r.pid()));
     let t = Instant::now();
     // Round robin over the collections, one insert_many each.
@@ -396,7 +443,7 @@ async fn streaming(nf: usize, colls: usize, n: usize) -> Streamed {
         i = end;
     }
     let source_write_rate = (per * colls as u64) as f64 / t.elapsed().as_secs_f64();
-    wait_counts("streamed inserts on every follower", &targets, per).await;
+    wait_applied(&r, &base, per * colls as u64).await;
     let secs = t.elapsed().as_secs_f64();
     let out = Streamed {
         rate: (per * colls as u64) as f64 / secs,
@@ -405,12 +452,13 @@ async fn streaming(nf: usize, colls: usize, n: usize) -> Streamed {
         replicator_cpu: cpu_secs(r.pid()) - cpu_r,
         peak_rss_mib: r.peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
     };
+    wait_counts("streamed inserts on every follower", &targets, per).await;
     for f in &fs {
         for (c, s) in names.iter().zip(&sc) {
             assert_identical("streaming", s, &f.coll(c).await).await;
         }
     }
-    r.terminate().await;
+    finish(&mut r).await;
     out
 }
 
@@ -459,24 +507,22 @@ async fn copy_then_mixed(n: usize, seed: u64) -> (f64, f64, f64) {
 
     let t = Instant::now();
     let mut r = start_replicator(src, &[f1], &["data".into()]);
+    // The copy ends when the follower streams (copied, and caught up with the changes
+    // since the copy began: none here).
+    wait_streaming(&r).await;
+    let copy = n as f64 / t.elapsed().as_secs_f64();
     wait_counts(
         "initial copy on the follower",
         std::slice::from_ref(&f),
         n as u64,
     )
     .await;
-    let copy = n as f64 / t.elapsed().as_secs_f64();
-    wait_streaming(&r).await;
     assert_identical("initial copy", &s, &f).await;
 
     // Mixed: rounds of CHUNK changes; every change matches a document, so each is one event.
     // Per round: 30% inserts of new keys, 30% updates of the hot keys (each several times),
     // 25% updates of other live keys (a new payload), 15% deletes of other live keys.
-    let mut marker = f
-        .watch()
-        .pipeline([doc! {"$match": {"documentKey._id": "zz-end"}}])
-        .await
-        .expect("follower change stream");
+    let base = applied(&r).await.expect("status");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut live: Vec<u64> = (HOT_KEYS..n as u64).collect();
     let mut next = n as u64;
@@ -521,28 +567,18 @@ async fn copy_then_mixed(n: usize, seed: u64) -> (f64, f64, f64) {
         done += size;
         round += 1;
     }
-    // A marker written last: once it and the source's count are on the follower, the
-    // follower holds the final state (checked byte for byte below, untimed). A change stream
-    // sees the marker arrive: queries on the follower's documents while batches commit
-    // stalled the test server's transactions (a find and the replicator's transaction each
-    // waited about 30 s for the other), so nothing here reads the documents until the end.
-    s.insert_one(doc! {"_id": "zz-end", "dataId": "zz-end"})
-        .await
-        .expect("marker");
     let source_rate = n as f64 / t.elapsed().as_secs_f64();
-    tokio::time::timeout(DEADLINE, marker.next())
-        .await
-        .expect("the marker reached the follower in time")
-        .expect("follower change stream open")
-        .expect("follower change event");
+    // Every change is one event; the follower then holds the final state (checked byte for
+    // byte below, untimed).
+    wait_applied(&r, &base, n as u64).await;
+    let mixed = n as f64 / t.elapsed().as_secs_f64();
     let want = count(&s).await;
     wait_for("mixed changes on the follower", DEADLINE, || async {
         count(&f).await == want
     })
     .await;
-    let mixed = n as f64 / t.elapsed().as_secs_f64();
     assert_identical("mixed", &s, &f).await;
-    r.terminate().await;
+    finish(&mut r).await;
     (copy, mixed, source_rate)
 }
 
@@ -560,21 +596,23 @@ async fn catch_up(b: usize) -> (f64, f64, f64) {
     let t = Instant::now();
     r.spawn();
     let cpu0 = cpu_secs(r.pid());
+    // The restarted process counts from zero.
+    wait_applied(&r, &[0], b as u64).await;
+    let rate = b as f64 / t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(r.pid()) - cpu0;
+    let rss = r.peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
     wait_counts(
         "backlog on the follower",
         std::slice::from_ref(&f),
         b as u64,
     )
     .await;
-    let rate = b as f64 / t.elapsed().as_secs_f64();
-    let cpu = cpu_secs(r.pid()) - cpu0;
-    let rss = r.peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
     assert!(
         !r.log().contains("copying this follower again"),
         "the backlog fell off the source's oplog: the figure would be a copy, not a catch-up"
     );
     assert_identical("catch-up", &s, &f).await;
-    r.terminate().await;
+    finish(&mut r).await;
     (rate, cpu, rss)
 }
 
@@ -662,7 +700,7 @@ async fn lag(rate: f64, dur: Duration) -> (f64, f64, f64, f64) {
     let pct = |p: f64| lags[((lags.len() as f64 * p).ceil() as usize).clamp(1, lags.len()) - 1];
     let out = (pct(0.50), pct(0.99), *lags.last().expect("lags"), achieved);
     assert_identical("lag", &s, &f).await;
-    r.terminate().await;
+    finish(&mut r).await;
     out
 }
 
@@ -729,6 +767,7 @@ async fn naive(n: usize) -> f64 {
 async fn run(sz: Sizes, seed: u64) -> Figures {
     let mut fig = Figures::default();
     let n = sz.docs;
+    INTERRUPTIONS.store(0, Ordering::SeqCst);
 
     let (drain, src_ins) = ceiling_drain(n).await;
     fig.add(
@@ -825,6 +864,11 @@ async fn run(sz: Sizes, seed: u64) -> Figures {
         "replicator streaming inserts / naive",
         "ratio",
         fig.get("streaming inserts, 1 follower(s)") / nv,
+    );
+    fig.add(
+        "pipeline interruptions (failed batches), all measurements",
+        "count",
+        INTERRUPTIONS.load(Ordering::SeqCst) as f64,
     );
     fig
 }
