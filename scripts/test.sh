@@ -14,6 +14,21 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test -- --test-threads "${TEST_THREADS:-2}" "$@" 2>&1 | tee "$log" || status=$?
 
+# With the whole suite: a smoke run of the performance bench (benches/perf.rs --smoke, about
+# 15 s on the debug build the tests use; no timed assertions): every measurement completes
+# and every follower ends identical to its source. scripts/bench.sh takes the figures.
+if (($# == 0)); then
+    smoke="$(mktemp)"
+    if cargo test --bench perf -- --smoke >"$smoke" 2>&1; then
+        echo "perf smoke: passed"
+    else
+        status=1
+        cat "$smoke"
+        echo "perf smoke: failed"
+    fi
+    rm -f "$smoke"
+fi
+
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -359,6 +359,11 @@ impl Server {
         self.child.is_some()
     }
 
+    /// The server process's id while it runs (for figures from `/proc`, such as CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The server's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
@@ -734,6 +739,11 @@ impl Replicator {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process's id while it runs (for figures from `/proc`, such as CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The process's peak resident memory so far, in KiB (`VmHWM`), while it runs.
