@@ -404,6 +404,9 @@ struct Streamed {
     source_cpu: f64,
     replicator_cpu: f64,
     peak_rss_mib: f64,
+    /// CPU of the source, the followers and the replicator together, over the wall time and
+    /// the machine's CPUs: 1.0 is every CPU busy.
+    busy: f64,
 }
 
 /// Streaming inserts: `n` documents spread over `colls` collections while the replicator
@@ -432,6 +435,7 @@ async fn streaming(nf: usize, colls: usize, n: usize) -> Streamed {
     }
     let base = applied(&r).await.expect("status");
     let (cpu_s, cpu_r) = (cpu_secs(src.pid()), cpu_secs(r.pid()));
+    let cpu_f: f64 = fs.iter().map(|f| cpu_secs(f.pid())).sum();
     let t = Instant::now();
     // Round robin over the collections, one insert_many each.
     let mut i = 0;
@@ -445,12 +449,16 @@ async fn streaming(nf: usize, colls: usize, n: usize) -> Streamed {
     let source_write_rate = (per * colls as u64) as f64 / t.elapsed().as_secs_f64();
     wait_applied(&r, &base, per * colls as u64).await;
     let secs = t.elapsed().as_secs_f64();
+    let (src_cpu, repl_cpu) = (cpu_secs(src.pid()) - cpu_s, cpu_secs(r.pid()) - cpu_r);
+    let fol_cpu = fs.iter().map(|f| cpu_secs(f.pid())).sum::<f64>() - cpu_f;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let out = Streamed {
         rate: (per * colls as u64) as f64 / secs,
         source_write_rate,
-        source_cpu: cpu_secs(src.pid()) - cpu_s,
-        replicator_cpu: cpu_secs(r.pid()) - cpu_r,
+        source_cpu: src_cpu,
+        replicator_cpu: repl_cpu,
         peak_rss_mib: r.peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
+        busy: (src_cpu + fol_cpu + repl_cpu) / (secs * cpus),
     };
     wait_counts("streamed inserts on every follower", &targets, per).await;
     for f in &fs {
@@ -831,6 +839,11 @@ async fn run(sz: Sizes, seed: u64) -> Figures {
             &format!("source CPU, streaming, {nf} follower(s)"),
             "CPU s",
             st.source_cpu,
+        );
+        fig.add(
+            &format!("machine CPU busy (servers + replicator), streaming, {nf} follower(s)"),
+            "ratio",
+            st.busy,
         );
         fig.add(
             &format!("replicator peak RSS, streaming, {nf} follower(s)"),

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use futures::TryStreamExt;
 
 use mongodb::bson::oid::ObjectId;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, rawdoc, Bson, Document, RawArrayBuf, RawDocumentBuf};
 use mongodb::{Client, ClientSession};
 
 use crate::change::{eq, Op, Plan};
@@ -40,6 +40,8 @@ pub const QUARANTINE_COLLECTION: &str = "quarantine";
 const WRITER_SESSIONS_COLLECTION: &str = "writer_sessions";
 /// Statements are split into commands of at most this many bytes, below the 16 MiB limit.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+/// Most times one batch is split because a transaction outlived `write_timeout`.
+const MAX_SLOW_SPLITS: u32 = 4;
 /// Most ops moved to the end of a batch after a duplicate key (a swap involves few).
 const MAX_DEFERRED: usize = 8;
 /// Ops per transaction after a refusal, doubling with each part that applies.
@@ -217,6 +219,12 @@ pub struct Follower {
     /// Per follower database, whether the user may bypass document validation (see
     /// [`Follower::bypasses_validation`]).
     bypass: std::sync::Mutex<HashMap<String, bool>>,
+    /// Per pipeline, the session of the transaction in flight (to end it on the server when
+    /// the batch outlives `write_timeout`).
+    inflight: std::sync::Mutex<HashMap<String, Document>>,
+    /// Most ops per transaction after batches outlived `write_timeout`: halved on each, and
+    /// doubled back by each batch that commits.
+    slow_cap: std::sync::atomic::AtomicUsize,
 }
 
 impl Follower {
@@ -244,6 +252,8 @@ impl Follower {
             incarnation: ObjectId::new().to_hex(),
             sessions: tokio::sync::Mutex::new(HashMap::new()),
             bypass: std::sync::Mutex::new(HashMap::new()),
+            inflight: std::sync::Mutex::new(HashMap::new()),
+            slow_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -370,13 +380,36 @@ impl Follower {
             }
         };
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(res) => res,
-            Err(_) => Err(TxnErr::Apply(ApplyError::Unavailable(format!(
-                "follower `{}` did not answer within {} (batch; replication.write_timeout)",
-                self.name,
-                humantime::format_duration(self.timeout)
-            )))),
+            Ok(res) => {
+                self.inflight_lock().remove(&w.ns.to_string());
+                res
+            }
+            Err(_) => {
+                // The abandoned transaction may still run on the server, holding the locks
+                // of its documents: end it there, so the retry does not wait on it.
+                if let Some(lsid) = self.inflight_lock().remove(&w.ns.to_string()) {
+                    let admin = self.client.database("admin");
+                    tokio::spawn(async move {
+                        let kill = admin.run_command(doc! {"killSessions": [lsid]});
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), kill).await;
+                    });
+                }
+                let msg = format!(
+                    "follower `{}` did not answer within {} (batch; replication.write_timeout)",
+                    self.name,
+                    humantime::format_duration(self.timeout)
+                );
+                Err(if txn {
+                    TxnErr::Slow(msg)
+                } else {
+                    TxnErr::Apply(ApplyError::Unavailable(msg))
+                })
+            }
         }
+    }
+
+    fn inflight_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Document>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn apply_inner(&self, w: &Write<'_>) -> Result<Applied, ApplyError> {
@@ -395,7 +428,8 @@ impl Follower {
         // Most ops per transaction: lowered when the follower finds a transaction too large
         // for its cache. The parts before the last carry no checkpoint (their replay is
         // harmless); the last part moves it.
-        let mut limit = usize::MAX;
+        let mut limit = self.slow_cap.load(Ordering::Relaxed);
+        let mut slow_splits = 0;
         // Quarantine records already written (by an earlier part), and records removed.
         let mut written = 0;
         let mut cleared = 0;
@@ -420,6 +454,9 @@ impl Follower {
                     written = quarantined.len();
                     cleared += q.cleared;
                     if last {
+                        let cap = self.slow_cap.load(Ordering::Relaxed);
+                        self.slow_cap
+                            .store(cap.saturating_mul(2), Ordering::Relaxed);
                         return Ok(Applied {
                             rev,
                             quarantined,
@@ -429,6 +466,16 @@ impl Follower {
                     ops.to_mut().drain(..len);
                     // Parts grow back after a refusal or a split.
                     limit = limit.saturating_mul(2);
+                }
+                // A transaction that outlived write_timeout on a follower that answers
+                // otherwise (a large or slow batch): smaller parts, here and for the next
+                // batches, instead of the same batch timing out for ever. A few times at
+                // most: a follower that hangs is down.
+                Err(TxnErr::Slow(msg)) if len > 1 && slow_splits < MAX_SLOW_SPLITS => {
+                    slow_splits += 1;
+                    limit = len / 2;
+                    self.slow_cap.store(limit, Ordering::Relaxed);
+                    tracing::info!(follower = %self.name, collection = %w.ns, ops = len, error = %msg, "a batch outlived write_timeout; splitting it");
                 }
                 Err(TxnErr::TooLarge(msg)) if len > 1 => {
                     tracing::info!(follower = %self.name, collection = %w.ns, ops = len, error = %msg, "transaction too large for the follower; splitting the batch");
@@ -520,6 +567,8 @@ impl Follower {
         last: bool,
     ) -> Result<(Rev, QuarantineWrite), TxnErr> {
         let mut session = self.session(w.ns, w.term).await?;
+        self.inflight_lock()
+            .insert(w.ns.to_string(), session.id().clone());
         let res = self
             .txn_in_session(&mut session, w, ops, quarantined, careful, last)
             .await;
@@ -846,6 +895,28 @@ impl Follower {
         Ok(res?)
     }
 
+    /// Like [`Follower::command`], for a command already encoded: a batch's statements are
+    /// encoded once, straight into it.
+    async fn raw_command(
+        &self,
+        db: &str,
+        mut cmd: RawDocumentBuf,
+        session: Option<&mut ClientSession>,
+    ) -> Result<Document, ApplyError> {
+        let db = self.client.database(db);
+        let res = match session {
+            Some(s) => db.run_raw_command(cmd).session(s).await,
+            None => {
+                cmd.append(
+                    "writeConcern",
+                    rawdoc! {"w": "majority", "j": true, "wtimeout": self.timeout.as_millis() as i64},
+                );
+                db.run_raw_command(cmd).await
+            }
+        };
+        Ok(res?)
+    }
+
     /// Raises this pipeline's fence to `term` on its own, outside a batch: a new leader does
     /// this before it reads the pipeline's checkpoint, so that a stale leader's transaction
     /// either committed before that read or fails.
@@ -952,23 +1023,30 @@ impl Follower {
         ns: &Ns,
         plan: &Plan,
     ) -> Result<(), TxnErr> {
-        for (start, chunk) in chunks(&plan.deletes) {
-            let cmd = doc! {"delete": &ns.coll, "deletes": chunk, "ordered": true};
+        for (start, chunk) in raw_chunks(&plan.deletes)? {
+            let mut cmd = RawDocumentBuf::new();
+            cmd.append("delete", ns.coll.clone());
+            cmd.append("deletes", chunk);
+            cmd.append("ordered", true);
             let res = self
-                .command(self.target_db(ns), cmd, session.as_deref_mut())
+                .raw_command(self.target_db(ns), cmd, session.as_deref_mut())
                 .await
                 .map_err(|e| classify(TxnErr::Apply(e)))?;
             check_write_result(&res, plan.careful, |i| {
                 plan.delete_ops.get(start + i).copied()
             })?;
         }
-        for (start, chunk) in chunks(&plan.upserts) {
-            let mut cmd = doc! {"update": &ns.coll, "updates": chunk, "ordered": true};
-            if self.bypasses_validation(ns).await {
-                cmd.insert("bypassDocumentValidation", true);
+        let bypass = self.bypasses_validation(ns).await;
+        for (start, chunk) in raw_chunks(&plan.upserts)? {
+            let mut cmd = RawDocumentBuf::new();
+            cmd.append("update", ns.coll.clone());
+            cmd.append("updates", chunk);
+            cmd.append("ordered", true);
+            if bypass {
+                cmd.append("bypassDocumentValidation", true);
             }
             let res = self
-                .command(self.target_db(ns), cmd, session.as_deref_mut())
+                .raw_command(self.target_db(ns), cmd, session.as_deref_mut())
                 .await
                 .map_err(|e| classify(TxnErr::Apply(e)))?;
             check_write_result(&res, plan.careful, |i| {
@@ -1203,6 +1281,8 @@ enum TxnErr {
     /// The transaction does not fit in the follower's cache (TransactionTooLargeForCache,
     /// 388): the batch is split.
     TooLarge(String),
+    /// The transaction outlived `write_timeout`: the batch is split (a few times at most).
+    Slow(String),
     Apply(ApplyError),
 }
 
@@ -1213,6 +1293,7 @@ impl TxnErr {
                 "conflict on the follower that clearing blocking documents did not resolve: {msg}"
             )),
             TxnErr::Rejected { msg, .. } | TxnErr::TooLarge(msg) => ApplyError::Rejected(msg),
+            TxnErr::Slow(msg) => ApplyError::Unavailable(msg),
             TxnErr::Apply(e) => e,
         }
     }
@@ -1303,6 +1384,33 @@ fn check_write_result(
     Ok(())
 }
 
+/// Encodes statements into runs that fit in one command, each with the index of its first
+/// statement: each statement is encoded once, and its size is that of its encoding.
+fn raw_chunks(stmts: &[Document]) -> Result<Vec<(usize, RawArrayBuf)>, TxnErr> {
+    let mut out: Vec<(usize, RawArrayBuf, usize, usize)> = Vec::new();
+    for (i, s) in stmts.iter().enumerate() {
+        let raw = RawDocumentBuf::from_document(s).map_err(|e| {
+            TxnErr::Apply(ApplyError::Rejected(format!(
+                "a statement could not be encoded: {e}"
+            )))
+        })?;
+        let len = raw.as_bytes().len();
+        match out.last_mut() {
+            Some((_, arr, size, n)) if *size + len <= MAX_COMMAND_BYTES && *n < 100_000 => {
+                arr.push(raw);
+                *size += len;
+                *n += 1;
+            }
+            _ => {
+                let mut arr = RawArrayBuf::new();
+                arr.push(raw);
+                out.push((i, arr, len, 1));
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(i, arr, _, _)| (i, arr)).collect())
+}
+
 /// Splits statements into runs that fit in one command, each with the index of its first
 /// statement.
 fn chunks(stmts: &[Document]) -> Vec<(usize, Vec<Document>)> {
@@ -1353,5 +1461,28 @@ pub fn bson_i64(b: &Bson) -> Option<i64> {
         Bson::Int64(v) => Some(*v),
         Bson::Double(v) => Some(*v as i64),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_chunks_split_by_encoded_size_and_keep_statement_indexes() {
+        // Statements of ~1 MiB: eight fit under the 8 MiB command bound, the ninth starts a
+        // new command; each statement is encoded once, whole.
+        let big = "x".repeat(1024 * 1024 - 64);
+        let stmts: Vec<Document> = (0..10)
+            .map(|i| doc! {"q": {"_id": {"$eq": i}}, "u": {"_id": i, "p": big.clone()}, "upsert": true})
+            .collect();
+        let chunks = raw_chunks(&stmts).ok().expect("encodes");
+        let starts: Vec<usize> = chunks.iter().map(|(i, _)| *i).collect();
+        assert_eq!(starts, vec![0, 7]);
+        let total: usize = chunks.iter().map(|(_, a)| a.into_iter().count()).sum();
+        assert_eq!(total, 10);
+        let first = chunks[0].1.into_iter().next().unwrap().unwrap();
+        let back = Document::try_from(first.as_document().unwrap()).unwrap();
+        assert_eq!(back, stmts[0]);
     }
 }
