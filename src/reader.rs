@@ -71,7 +71,7 @@ impl Hub {
             expanded: r.indexes,
             batch: r.batch_max_docs as u32,
             max_bytes,
-            fanout: Fanout::new(max_bytes, 4 * r.batch_max_docs),
+            fanout: Fanout::new(max_bytes, 64 * r.batch_max_docs),
             started: AtomicBool::new(false),
             stop,
             created: tokio::sync::Notify::new(),
