@@ -281,3 +281,61 @@ async fn handover_under_concurrent_writes_loses_no_insert() {
         .await;
     }
 }
+
+/// Item 1 again, with long in-flight windows: each write to the replicated collection is an
+/// `insert_many` of 200 documents (one statement minting 200 cluster times, visible only
+/// when it commits) while an unreplicated collection is written in tight loops (minting later
+/// cluster times meanwhile, and moving the own streams on with empty batches whose
+/// high-water-mark token carries the latest minted time). The replicator restarts every
+/// 3 s so that each pipeline hands over again and again.
+#[tokio::test]
+async fn handover_with_long_in_flight_inserts_loses_no_insert() {
+    let (src, f1) = (Server::start().await, Server::start().await);
+    let colls = ["c0", "c1", "c2", "c3"];
+    let mut cfg = ConfigBuilder::new(&src, &[&f1]);
+    cfg.collections = colls.iter().map(|c| c.to_string()).collect();
+    for c in colls {
+        src.coll(c).await.insert_one(doc! {"dataId": -1}).await.unwrap();
+    }
+    let mut r = Replicator::start(&cfg, "n1");
+    r.wait_streaming(CONVERGE).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (ci, c) in colls.iter().enumerate() {
+        let coll = src.coll(c).await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i: i64 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let docs: Vec<Document> = (0..200)
+                    .map(|k| doc! {"dataId": (ci as i64) * 10_000_000 + i * 1000 + k, "pad": "x".repeat(200)})
+                    .collect();
+                coll.insert_many(docs).await.unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        }));
+    }
+    for _ in 0..4 {
+        let coll = src.coll("noise").await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                coll.insert_one(doc! {"n": 1}).await.unwrap();
+            }
+        }));
+    }
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        r.kill9();
+        r.spawn();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for c in colls {
+        wait_identical(&src.coll(c).await, &[f1.coll(c).await], Duration::from_secs(90)).await;
+    }
+}
