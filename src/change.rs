@@ -529,13 +529,14 @@ mod tests {
         let plan = Plan::build(&[up(1, "a", 1)], "dataId", true);
         assert_eq!(plan.deletes.len(), 2);
         assert_eq!(plan.delete_ops, vec![0, 0]);
-        assert_eq!(
-            plan.deletes[0],
-            doc! {"q": {"_id": {"$eq": 1}}, "limit": 1}
-        );
+        assert_eq!(plan.deletes[0], doc! {"q": {"_id": {"$eq": 1}}, "limit": 1});
         let other = plan.deletes[1].get_document("q").unwrap();
         assert_eq!(
-            other.get_document("dataId").unwrap().get_str("$eq").unwrap(),
+            other
+                .get_document("dataId")
+                .unwrap()
+                .get_str("$eq")
+                .unwrap(),
             "a"
         );
         assert_eq!(other.get_document("_id").unwrap(), &doc! {"$ne": 1});

@@ -40,7 +40,7 @@ impl Pair {
                 let mut base = self.capture_now().await?;
                 // The follower collection gets the source's options and indexes before any
                 // document (a collation cannot be changed afterwards).
-                self.sync_meta(true).await?;
+                self.sync_meta().await?;
                 base.copy_after = Some(Bson::Null);
                 self.commit(Vec::new(), base.clone(), 0, false).await?;
                 self.stats.set_quarantined(0);
@@ -147,10 +147,10 @@ impl Pair {
     }
 
     /// Makes the follower collection's indexes and options those of the source collection
-    /// (`replication.indexes`), keeping the replicator's own key index. `recreate` (a copy
-    /// is starting) lets it drop and create the follower collection anew when an option
-    /// that cannot change in place (capped size, collation) differs.
-    pub(super) async fn sync_meta(&self, recreate: bool) -> Result<(), PairError> {
+    /// (`replication.indexes`), keeping the replicator's own key index. It never drops the
+    /// follower collection: an option that cannot change in place and changes what writes do
+    /// (capped, collation) stops the pair with the reason.
+    pub(super) async fn sync_meta(&self) -> Result<(), PairError> {
         if !self.config.replication.indexes {
             return Ok(());
         }
@@ -168,15 +168,10 @@ impl Pair {
         if is_capped(&src.options) {
             return Err(PairError::Fatal(CAPPED.into()));
         }
-        // An archive follower's collection is never dropped to be created anew: it holds
-        // what the source no longer has.
-        let recreate = recreate && self.follower.applies_deletes();
-        if recreate {
-            // Dropping the follower collection is not part of a transaction: make sure, on
-            // the follower itself, that no newer leader exists first.
-            self.follower.claim(&self.ns, self.authority.term()).await?;
-            self.check_authority()?;
-        }
+        // A follower collection is never dropped here, not even to create it anew with an
+        // option that cannot change in place: a drop cannot be part of a fenced
+        // transaction, so a stale leader that woke up late could drop the collection a newer
+        // leader has just copied (review). Such a difference stops the pair instead (below).
         let fdb = self
             .follower
             .client()
@@ -185,7 +180,7 @@ impl Pair {
         let limit = self.config.replication.write_timeout;
         let applied = match tokio::time::timeout(
             limit,
-            crate::meta::apply(&src, &fdb, &self.ns.coll, key_field, recreate),
+            crate::meta::apply(&src, &fdb, &self.ns.coll, key_field, false),
         )
         .await
         {
@@ -209,8 +204,14 @@ impl Pair {
         for change in &applied.changed {
             tracing::info!(follower = %self.name(), collection = %self.label, change = %change, "follower indexes and options brought in line with the source");
         }
+        if let Some(left) = applied.unfixed.iter().find(|d| blocks_writes(d)) {
+            return Err(PairError::Fatal(format!(
+                "the follower collection differs from the source's in an option that cannot change in place ({left}); the replicator never drops a follower collection (a drop cannot be fenced, so a stale leader could drop a newer leader's copy): drop it on the follower yourself, then run `mongo-replicator resync --follower {}` (the copy creates it with the source's options)",
+                self.name()
+            )));
+        }
         for left in &applied.unfixed {
-            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %left, "a collection option differs from the source's and cannot change in place; a resync of this follower recreates the collection");
+            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %left, "a collection option differs from the source's and cannot change in place; `check` reports it");
         }
         self.follower.ensure_key_index(&self.ns).await?;
         Ok(())
@@ -323,4 +324,12 @@ pub(super) const CAPPED: &str = "the source collection is capped, and capped col
 
 fn is_capped(options: &mongodb::bson::Document) -> bool {
     options.get_bool("capped").unwrap_or(false)
+}
+
+/// Differences that change what the replicator's writes do on the follower: a capped
+/// collection refuses writes in transactions, and a collation changes which documents a
+/// key matches. Others (say, a clustered index) only report.
+fn blocks_writes(d: &crate::meta::MetaDiff) -> bool {
+    matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. }
+        if matches!(name.as_str(), "capped" | "size" | "max" | "collation" | "timeseries"))
 }

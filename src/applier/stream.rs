@@ -284,7 +284,7 @@ impl Pair {
                 // What came before is applied, then the source's indexes and options are
                 // brought over, before the checkpoint can pass this event.
                 self.flush(batch, false).await?;
-                self.sync_meta(false).await?;
+                self.sync_meta().await?;
             }
             _ => {}
         }
