@@ -298,6 +298,7 @@ impl Pipes {
                         cfg.replication.batch_max_docs as u32,
                     ),
                     hub: Some(hub),
+                    meta_ready: std::sync::atomic::AtomicBool::new(false),
                 };
                 self.set.spawn(pair.run(self.stop.clone()));
             }

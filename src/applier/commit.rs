@@ -12,6 +12,12 @@ impl Pair {
         caught_up: bool,
     ) -> Result<(), PairError> {
         self.check_authority()?;
+        if !ops.is_empty()
+            && self.config.replication.indexes
+            && !self.meta_ready.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.sync_meta().await?;
+        }
         let Coalesced {
             ops,
             duplicate_keys,

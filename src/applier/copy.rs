@@ -162,7 +162,9 @@ impl Pair {
             ))
             .await?;
         if !src.exists {
-            // Dropped since: its drop event follows in the stream.
+            // Not there (yet, or dropped since): nothing is created on the follower, so that
+            // the collection is created with the source's options once the source has it
+            // (its `create` event, or the first write, brings them).
             return Ok(());
         }
         if is_capped(&src.options) {
@@ -191,6 +193,9 @@ impl Pair {
             Ok(Err(e)) if crate::source::error_code(&e).is_some() => {
                 tracing::warn!(follower = %self.name(), collection = %self.label, error = %describe(&e), "could not bring the follower's indexes or options in line with the source; documents still replicate, and `check` shows the difference");
                 self.stats.skipped("indexes_or_options");
+                self.follower.ensure_key_index(&self.ns).await?;
+                self.meta_ready
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 return Ok(());
             }
             Ok(Err(e)) => return Err(PairError::Transient(format!("follower: {}", describe(&e)))),
@@ -214,6 +219,8 @@ impl Pair {
             tracing::warn!(follower = %self.name(), collection = %self.label, difference = %left, "a collection option differs from the source's and cannot change in place; `check` reports it");
         }
         self.follower.ensure_key_index(&self.ns).await?;
+        self.meta_ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -76,6 +76,9 @@ pub struct Pair {
     /// The shared reader of the source database, once this pipeline's own stream has caught
     /// up (see [`crate::reader`]).
     pub hub: Option<Arc<Hub>>,
+    /// The follower collection has the source's options and indexes (see
+    /// `copy::sync_meta`); until then, the first write brings them over first.
+    pub meta_ready: std::sync::atomic::AtomicBool,
 }
 
 /// How a pipeline ended.
@@ -473,7 +476,15 @@ impl Pair {
         if self.source_is_capped().await? {
             return Err(PairError::Fatal(copy::CAPPED.into()));
         }
-        self.follower.ensure_key_index(&self.ns).await?;
+        if self.config.replication.indexes {
+            // The follower collection is created with the source's options before anything
+            // else can create it bare (the key index would).
+            self.meta_ready
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.sync_meta().await?;
+        } else {
+            self.follower.ensure_key_index(&self.ns).await?;
+        }
         self.stats
             .set_quarantined(self.follower.quarantine_count(&self.ns).await?);
         let start = match self.resume_point().await? {
