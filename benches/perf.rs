@@ -24,7 +24,7 @@
 //!
 //! A timed window ends when every follower has acknowledged the events (`applied_events` in
 //! `/status`; the initial copy: when the follower streams). The follower's documents are not
-//! read until then: on the test server such reads could stall the replicator's transactions.
+//! read until then.
 //! After every measurement each follower is compared with the source, byte for byte, and
 //! the replicator's failed batches ("pipeline interrupted" in its log) are counted.
 //! `--smoke` runs tiny sizes (a few seconds) and asserts nothing about speed.
@@ -282,9 +282,11 @@ async fn applied(r: &Replicator) -> Option<Vec<u64>> {
 }
 
 /// Waits until every follower has acknowledged `n` more events than `base`. The end of a
-/// timed window is read from `/status`, not from the follower: on the test server, reads of
-/// the follower's collection (a find, a count, a change stream) while a batch commits could
-/// stall the batch's transaction until `write_timeout` (30 s), again and again.
+/// timed window is read from `/status`, not from the follower, so that the bench adds no
+/// reads to the follower while batches commit. (On the test server, batches stalled until
+/// `write_timeout` (30 s) while the bench polled the follower with a find, a count or a
+/// change stream; they also stall without any such reads, so the reads are not proven to
+/// be the cause.)
 async fn wait_applied(r: &Replicator, base: &[u64], n: u64) {
     wait_for(
         "events acknowledged by every follower",
