@@ -150,15 +150,10 @@ pub fn progress_line(c: &crate::status::CopyReport) -> String {
     )
 }
 
-/// Pauses or resumes a follower through the node on `[http] listen`; with no node running
-/// there, records it on the source directly (every node follows it within a second).
-pub async fn set_paused(config: &Config, follower: &str, pause: bool) -> ExitCode {
-    if config.follower(follower).is_none() {
-        eprintln!("error: no follower named `{follower}` in the config");
-        return ExitCode::from(2);
-    }
-    let what = if pause { "pause" } else { "resume" };
-    let url = format!("{}/{what}/{follower}", base_url(config));
+/// POSTs `path` to the node on `[http] listen` (with the admin token, if any) and prints its
+/// answer: the exit code, or `None` when no node listens there (the caller falls back).
+async fn post_to_node(config: &Config, path: &str) -> Option<ExitCode> {
+    let url = format!("{}{path}", base_url(config));
     let mut req = http().post(&url);
     if let Some(token) = &config.http.admin_token {
         req = req.bearer_auth(token.expose());
@@ -169,16 +164,30 @@ pub async fn set_paused(config: &Config, follower: &str, pause: bool) -> ExitCod
             let text = resp.text().await.unwrap_or_default();
             if code.is_success() {
                 print!("{text}");
-                return ExitCode::SUCCESS;
+                Some(ExitCode::SUCCESS)
+            } else {
+                eprint!("error: {text}");
+                Some(ExitCode::FAILURE)
             }
-            eprint!("error: {text}");
-            return ExitCode::FAILURE;
         }
-        Err(e) if e.is_connect() => {}
+        Err(e) if e.is_connect() => None,
         Err(e) => {
             eprintln!("error: {url}: {e}");
-            return ExitCode::from(3);
+            Some(ExitCode::from(3))
         }
+    }
+}
+
+/// Pauses or resumes a follower through the node on `[http] listen`; with no node running
+/// there, records it on the source directly (every node follows it within a second).
+pub async fn set_paused(config: &Config, follower: &str, pause: bool) -> ExitCode {
+    if config.follower(follower).is_none() {
+        eprintln!("error: no follower named `{follower}` in the config");
+        return ExitCode::from(2);
+    }
+    let what = if pause { "pause" } else { "resume" };
+    if let Some(code) = post_to_node(config, &format!("/{what}/{follower}")).await {
+        return code;
     }
     let run = async {
         let source = crate::source::client(&config.source.uri, "source").await?;
@@ -208,27 +217,8 @@ pub async fn resync(config: &Config, follower: &str) -> ExitCode {
         eprintln!("error: no follower named `{follower}` in the config");
         return ExitCode::from(2);
     };
-    let url = format!("{}/resync/{follower}", base_url(config));
-    let mut req = http().post(&url);
-    if let Some(token) = &config.http.admin_token {
-        req = req.bearer_auth(token.expose());
-    }
-    match req.send().await {
-        Ok(resp) => {
-            let code = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            if code.is_success() {
-                print!("{text}");
-                return ExitCode::SUCCESS;
-            }
-            eprint!("error: {text}");
-            return ExitCode::FAILURE;
-        }
-        Err(e) if e.is_connect() => {}
-        Err(e) => {
-            eprintln!("error: {url}: {e}");
-            return ExitCode::from(3);
-        }
+    if let Some(code) = post_to_node(config, &format!("/resync/{follower}")).await {
+        return code;
     }
     // No node answers here: mark the follower for a copy on the follower itself. The mark
     // is the follower's checkpoint, so whichever node leads (now or later, on any host)

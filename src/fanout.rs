@@ -120,11 +120,6 @@ impl Fanout {
         })
     }
 
-    /// Number of pipelines reading from this reader now.
-    pub fn subscribers(&self) -> usize {
-        self.lock().subs.len()
-    }
-
     /// Ends every subscription (each goes back to its own stream) and forgets the position.
     pub fn detach_all(&self, reason: &str) {
         let mut inner = self.lock();

@@ -829,10 +829,12 @@ impl Follower {
             .collect();
         // Statements that inserted a record (the others updated one already there).
         let mut inserted: Vec<usize> = Vec::new();
-        for (start, chunk) in chunks(&updates) {
-            let cmd = doc! {"update": QUARANTINE_COLLECTION, "updates": chunk};
+        for (start, chunk) in raw_chunks(&updates).map_err(TxnErr::into_apply)? {
+            let mut cmd = RawDocumentBuf::new();
+            cmd.append("update", QUARANTINE_COLLECTION);
+            cmd.append("updates", chunk);
             let res = self
-                .command(&self.state_db, cmd, session.as_deref_mut())
+                .raw_command(&self.state_db, cmd, session.as_deref_mut())
                 .await?;
             if let Some((_, code, msg)) = first_write_error(&res) {
                 return Err(ApplyError::Rejected(format!(
@@ -1409,28 +1411,6 @@ fn raw_chunks(stmts: &[Document]) -> Result<Vec<(usize, RawArrayBuf)>, TxnErr> {
         }
     }
     Ok(out.into_iter().map(|(i, arr, _, _)| (i, arr)).collect())
-}
-
-/// Splits statements into runs that fit in one command, each with the index of its first
-/// statement.
-fn chunks(stmts: &[Document]) -> Vec<(usize, Vec<Document>)> {
-    let mut out: Vec<(usize, Vec<Document>)> = Vec::new();
-    let mut size = 0usize;
-    for (i, s) in stmts.iter().enumerate() {
-        let len = mongodb::bson::to_vec(s).map(|v| v.len()).unwrap_or(0);
-        if out.is_empty()
-            || size + len > MAX_COMMAND_BYTES
-            || out.last().is_some_and(|c| c.1.len() >= 100_000)
-        {
-            out.push((i, Vec::new()));
-            size = 0;
-        }
-        size += len;
-        if let Some(last) = out.last_mut() {
-            last.1.push(s.clone());
-        }
-    }
-    out
 }
 
 /// A key as a quarantine record shows it: itself when small, else a note of its size and

@@ -13,13 +13,6 @@ use mongodb::Collection;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
-async fn leader(r: &Replicator) {
-    wait_for("leader", CONVERGE, || async {
-        r.role().await.as_deref() == Some("leader")
-    })
-    .await;
-}
-
 async fn insert_n(c: &Collection<Document>, prefix: &str, n: usize) {
     let docs: Vec<Document> = (0..n)
         .map(|i| doc! {"dataId": format!("{prefix}{i:06}"), "n": i as i64})
@@ -69,7 +62,7 @@ async fn one_read_of_the_source_serves_every_follower_and_a_slow_one_detaches() 
     let cfg = ConfigBuilder::new(&src, &[&f1, &f2, &f3])
         .extra("[replication]\nbatch_max_docs = 50\nwrite_timeout = \"3s\"");
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(CONVERGE).await;
     let fs = [
         f1.coll("data").await,
         f2.coll("data").await,
@@ -140,7 +133,7 @@ async fn collections_matching_a_pattern_are_picked_up_while_running_and_exclusio
     cfg.collections = vec!["*".into()];
     cfg.source_extra = "exclude = [\"tmp_*\"]".into();
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(CONVERGE).await;
     wait_identical(&old, &[fdb.collection("old")], CONVERGE).await;
 
     // WHEN a matching collection is created later, with documents already in it when the
@@ -200,7 +193,7 @@ async fn namespaces_span_databases_under_one_lease() {
     cfg.collections = vec![];
     cfg.source_extra = "namespaces = [\"app.*\", \"billing.invoices\"]".into();
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(CONVERGE).await;
 
     // WHEN both databases change while it runs
     insert_n(&a, "u2_", 30).await;
@@ -275,7 +268,7 @@ async fn a_mapped_database_an_archive_follower_and_a_per_collection_key() {
         .await
         .unwrap();
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(CONVERGE).await;
     let mirror = f1.client().await.database("mirror");
     wait_for("the archive copied", CONVERGE, || async {
         mirror
@@ -343,7 +336,7 @@ async fn a_paused_follower_keeps_its_checkpoint_stays_paused_across_a_restart_an
     );
     let cfg = ConfigBuilder::new(&src, &[&f1, &f2]);
     let mut r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(CONVERGE).await;
     let s = src.coll("data").await;
     insert_n(&s, "a", 100).await;
     let (c1, c2) = (f1.coll("data").await, f2.coll("data").await);
@@ -372,7 +365,7 @@ async fn a_paused_follower_keeps_its_checkpoint_stays_paused_across_a_restart_an
     // WHEN the node restarts while f1 is paused THEN it stays paused
     r.terminate().await;
     r.spawn();
-    leader(&r).await;
+    r.wait_leader(CONVERGE).await;
     insert_n(&s, "c", 10).await;
     wait_identical(&s, std::slice::from_ref(&c2), CONVERGE).await;
     assert_eq!(r.status().await.unwrap()["followers"][0]["state"], "paused");
@@ -449,12 +442,6 @@ async fn initial_sync_progress_is_reported_while_copying() {
     .await;
 }
 
-async fn run_cmd(db: &mongodb::Database, c: Document) {
-    db.run_command(c.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{c}: {e}"));
-}
-
 /// What differs between the source's and the follower's indexes and options.
 async fn meta_diff(src: &Server, f: &Server, coll: &str) -> Vec<String> {
     use mongo_replicator::meta;
@@ -495,7 +482,7 @@ async fn indexes_and_collection_options_follow_the_source_at_the_copy_and_while_
     let mut cfg = ConfigBuilder::new(&src, &[&f1]);
     cfg.collections = vec!["*".into()];
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(CONVERGE).await;
     let fcoll = f1.coll("data").await;
     wait_identical(&s, std::slice::from_ref(&fcoll), CONVERGE).await;
 

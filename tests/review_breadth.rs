@@ -11,19 +11,6 @@ use mongodb::bson::{doc, Document};
 
 const CONVERGE: Duration = Duration::from_secs(45);
 
-async fn leader(r: &Replicator) {
-    wait_for("leader", Duration::from_secs(60), || async {
-        r.role().await.as_deref() == Some("leader")
-    })
-    .await;
-}
-
-async fn run_cmd(db: &mongodb::Database, c: Document) {
-    db.run_command(c.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{c}: {e}"));
-}
-
 /// A document inserted before the source collection got its validator stays on the source
 /// (MongoDB validates writes, not existing documents). The copy gives the follower the
 /// validator *before* any document and then inserts every document without
@@ -47,7 +34,7 @@ async fn documents_that_predate_the_source_validator_are_copied() {
     s.insert_one(doc! {"dataId": "new", "x": 1}).await.unwrap();
     let cfg = ConfigBuilder::new(&src, &[&f1]);
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
     drop(r);
 }
@@ -63,7 +50,7 @@ async fn a_validator_added_after_a_document_is_not_applied_before_that_document(
     s.insert_one(doc! {"dataId": "a", "n": 1}).await.unwrap();
     let cfg = ConfigBuilder::new(&src, &[&f1]);
     let mut r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
     // The node stops (or lags); the source goes on.
     r.terminate().await;
@@ -83,7 +70,7 @@ async fn a_validator_added_after_a_document_is_not_applied_before_that_document(
         .await
         .unwrap();
     r.spawn();
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     wait_identical(&s, &[f1.coll("data").await], CONVERGE).await;
     drop(r);
 }
@@ -117,7 +104,7 @@ async fn a_capped_collection_is_refused_clearly_and_holds_back_nothing() {
     let mut cfg = ConfigBuilder::new(&src, &[&f1]);
     cfg.collections = vec!["data".into(), "capped".into(), "log*".into()];
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     wait_for(
         "the capped pair stopped with the reason",
         CONVERGE,
@@ -169,7 +156,7 @@ async fn an_archive_keeps_its_documents_when_the_source_collection_is_recreated_
     }
     let cfg = ConfigBuilder::new(&src, &[&f1]).follower_line("f1", "apply_deletes = false");
     let mut r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     let f = f1.coll("data").await;
     wait_identical(&s, std::slice::from_ref(&f), CONVERGE).await;
     s.delete_one(doc! {"dataId": "d1"}).await.unwrap();
@@ -186,7 +173,7 @@ async fn an_archive_keeps_its_documents_when_the_source_collection_is_recreated_
     .await;
     s.insert_one(doc! {"dataId": "fresh"}).await.unwrap();
     r.spawn();
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     // The follower collection cannot take the source's new collation in place, and the
     // replicator never drops a follower collection: the pair stops with the reason, and the
     // archive keeps every document it had.
@@ -224,7 +211,7 @@ async fn oddly_named_collections_found_by_a_glob_replicate() {
     let mut cfg = ConfigBuilder::new(&src, &[&f1]);
     cfg.collections = vec!["*".into()];
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     let names = ["a.b", "we ird", "q\"uote'", "ünï", "[x]", "*", "a..b"];
     for n in names {
         sdb.collection::<Document>(n)
@@ -285,7 +272,7 @@ async fn transactions_across_collections_survive_repeated_detach_and_rejoin() {
     a.insert_one(doc! {"dataId": "seed"}).await.unwrap();
     b.insert_one(doc! {"dataId": "seed"}).await.unwrap();
     let r = Replicator::start(&cfg, "n1");
-    leader(&r).await;
+    r.wait_leader(Duration::from_secs(60)).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (client, a, b, stop) = (client.clone(), a.clone(), b.clone(), stop.clone());

@@ -11,13 +11,6 @@ use mongodb::bson::{doc, Document};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-async fn leader(r: &Replicator, timeout: Duration) {
-    wait_for(&format!("{} leads", r.node_id), timeout, || async {
-        r.role().await.as_deref() == Some("leader")
-    })
-    .await;
-}
-
 async fn stopped_with_reason(r: &Replicator) -> bool {
     r.status().await.is_some_and(|st| {
         st["followers"][0]["state"] == "stopped"
@@ -74,7 +67,7 @@ async fn no_leader_ever_drops_a_follower_collection_a_difference_that_needs_it_s
     let mut cfg_b = ConfigBuilder::new(&src, &[&f1]).extra(extra);
     cfg_b.ttl = "4s";
     let a = Replicator::start(&cfg_a, "node-a");
-    leader(&a, Duration::from_secs(60)).await;
+    a.wait_leader(Duration::from_secs(60)).await;
     let b = Replicator::start(&cfg_b, "node-b");
     wait_for(
         "the leader stops the pair with the reason",
@@ -85,7 +78,7 @@ async fn no_leader_ever_drops_a_follower_collection_a_difference_that_needs_it_s
 
     // A stale leader: paused, another takes over, the old one wakes up.
     a.signal(libc::SIGSTOP);
-    leader(&b, Duration::from_secs(30)).await;
+    b.wait_leader(Duration::from_secs(30)).await;
     wait_for("the new leader stops the pair too", CONVERGE, || {
         stopped_with_reason(&b)
     })

@@ -37,10 +37,9 @@ impl Pair {
             None => {
                 // The copy's start is recorded on the follower (so a crash resumes it, and
                 // its quarantine starts afresh: the copy writes every document again).
+                // (The follower collection got the source's options and indexes when the
+                // pipeline started, before any document: a collation cannot change later.)
                 let mut base = self.capture_now().await?;
-                // The follower collection gets the source's options and indexes before any
-                // document (a collation cannot be changed afterwards).
-                self.sync_meta().await?;
                 base.copy_after = Some(Bson::Null);
                 self.commit(Vec::new(), base.clone(), 0, false).await?;
                 self.stats.set_quarantined(0);
@@ -135,32 +134,30 @@ impl Pair {
         Ok(cp)
     }
 
-    /// Whether the source collection is capped (then it is not replicated: see [`CAPPED`]).
-    pub(super) async fn source_is_capped(&self) -> Result<bool, PairError> {
-        let src = self
-            .src(crate::meta::read(
-                &self.source.database(&self.ns.db),
-                &self.ns.coll,
-            ))
-            .await?;
-        Ok(src.exists && is_capped(&src.options))
+    /// The source collection's options and indexes.
+    pub(super) async fn source_meta(&self) -> Result<crate::meta::CollMeta, PairError> {
+        self.src(crate::meta::read(
+            &self.source.database(&self.ns.db),
+            &self.ns.coll,
+        ))
+        .await
+    }
+
+    /// [`Pair::sync_meta_to`] the source collection as it is now.
+    pub(super) async fn sync_meta(&self) -> Result<(), PairError> {
+        let src = self.source_meta().await?;
+        self.sync_meta_to(&src).await
     }
 
     /// Makes the follower collection's indexes and options those of the source collection
     /// (`replication.indexes`), keeping the replicator's own key index. It never drops the
     /// follower collection: an option that cannot change in place and changes what writes do
     /// (capped, collation) stops the pair with the reason.
-    pub(super) async fn sync_meta(&self) -> Result<(), PairError> {
+    pub(super) async fn sync_meta_to(&self, src: &crate::meta::CollMeta) -> Result<(), PairError> {
         if !self.config.replication.indexes {
             return Ok(());
         }
         self.check_authority()?;
-        let src = self
-            .src(crate::meta::read(
-                &self.source.database(&self.ns.db),
-                &self.ns.coll,
-            ))
-            .await?;
         if !src.exists {
             // Not there (yet, or dropped since): nothing is created on the follower, so that
             // the collection is created with the source's options once the source has it
@@ -182,7 +179,7 @@ impl Pair {
         let limit = self.config.replication.write_timeout;
         let applied = match tokio::time::timeout(
             limit,
-            crate::meta::apply(&src, &fdb, &self.ns.coll, key_field, false),
+            crate::meta::apply(src, &fdb, &self.ns.coll, key_field, false),
         )
         .await
         {
@@ -329,7 +326,7 @@ impl Pair {
 /// Why a capped collection is not replicated.
 pub(super) const CAPPED: &str = "the source collection is capped, and capped collections are not replicated: writes to them cannot be part of the transactions that fence every follower write and commit it with its checkpoint, and their evictions make no change events, so a follower would drift; replicate a plain collection, or leave this one out (source.exclude)";
 
-fn is_capped(options: &mongodb::bson::Document) -> bool {
+pub(super) fn is_capped(options: &mongodb::bson::Document) -> bool {
     options.get_bool("capped").unwrap_or(false)
 }
 

@@ -473,7 +473,9 @@ impl Pair {
             tracing::info!(follower = %self.name(), collection = %self.label, sessions = aborted, "aborted transactions left open by earlier writers");
         }
         self.follower.claim(&self.ns, term).await?;
-        if self.source_is_capped().await? {
+        // One read of the source collection's metadata serves both checks below.
+        let src = self.source_meta().await?;
+        if src.exists && copy::is_capped(&src.options) {
             return Err(PairError::Fatal(copy::CAPPED.into()));
         }
         if self.config.replication.indexes {
@@ -481,7 +483,7 @@ impl Pair {
             // else can create it bare (the key index would).
             self.meta_ready
                 .store(false, std::sync::atomic::Ordering::Relaxed);
-            self.sync_meta().await?;
+            self.sync_meta_to(&src).await?;
         } else {
             self.follower.ensure_key_index(&self.ns).await?;
         }

@@ -848,6 +848,14 @@ impl Replicator {
             .unwrap_or(u64::MAX)
     }
 
+    /// Waits until this node leads.
+    pub async fn wait_leader(&self, timeout: Duration) {
+        wait_for(&format!("{} leads", self.node_id), timeout, || async {
+            self.role().await.as_deref() == Some("leader")
+        })
+        .await;
+    }
+
     pub async fn role(&self) -> Option<String> {
         self.status()
             .await
@@ -1280,4 +1288,11 @@ pub fn run_cli(command: &str, config: &Path, args: &[&str], env: &[(&str, &str)]
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Runs a database command that must succeed.
+pub async fn run_cmd(db: &mongodb::Database, c: Document) {
+    db.run_command(c.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{c}: {e}"));
 }
