@@ -237,6 +237,24 @@ pub fn coalesce(ops: Vec<Op>) -> Coalesced {
     }
 }
 
+/// The collation of every statement that finds a document by its key: binary, so a key
+/// matches only itself. A follower collection with the source's case-insensitive default
+/// collation would otherwise find "Key" for "key", and the upsert of one would overwrite (or
+/// the careful plan delete) the other. The replicator's own key index is built with it too
+/// ([`crate::follower::Follower::ensure_key_index`]), so these statements use that index.
+/// Statements by `_id` keep the collection's default: they must agree with the `_id` index,
+/// which always has it, and which the source enforces the same way.
+pub fn binary() -> Document {
+    doc! {"locale": "simple"}
+}
+
+/// [`binary`] for the driver's helpers.
+pub fn binary_collation() -> mongodb::options::Collation {
+    mongodb::options::Collation::builder()
+        .locale("simple")
+        .build()
+}
+
 /// The statements that carry one coalesced batch to a follower: one `delete` command, then
 /// one `update` command.
 #[derive(Debug, Default, PartialEq)]
@@ -271,9 +289,9 @@ impl Plan {
                 }
                 Op::Upsert { id, key, doc } => {
                     // Values are matched with `$eq`: a key is data, never a query.
-                    let q = match key {
-                        Some(k) => key_eq(key_field, k),
-                        None => eq("_id", id),
+                    let (q, by_key) = match key {
+                        Some(k) => (key_eq(key_field, k), true),
+                        None => (eq("_id", id), false),
                     };
                     if careful {
                         if let Some(k) = key {
@@ -286,12 +304,17 @@ impl Plan {
                             plan.delete_ops.push(i);
                             let mut other_id = key_eq(key_field, k);
                             other_id.insert("_id", doc! {"$ne": id.clone()});
-                            plan.deletes.push(doc! {"q": other_id, "limit": 0});
+                            plan.deletes
+                                .push(doc! {"q": other_id, "limit": 0, "collation": binary()});
                             plan.delete_ops.push(i);
                         }
                     }
-                    plan.upserts
-                        .push(doc! {"q": q, "u": doc.clone(), "upsert": true, "multi": false});
+                    let mut upsert =
+                        doc! {"q": q, "u": doc.clone(), "upsert": true, "multi": false};
+                    if by_key {
+                        upsert.insert("collation", binary());
+                    }
+                    plan.upserts.push(upsert);
                     plan.upsert_ops.push(i);
                 }
             }
@@ -545,5 +568,32 @@ mod tests {
             let q = d.get_document("q").unwrap();
             assert!(!q.contains_key("$or") && !q.contains_key("$nor"), "{q}");
         }
+    }
+    /// Under a follower collection's case-insensitive default collation, "key" would find
+    /// "Key": every statement that finds by key compares binary; those by `_id` keep the
+    /// collection's default, as the `_id` index does.
+    #[test]
+    fn statements_by_key_compare_binary_and_those_by_id_keep_the_default() {
+        let ops = vec![
+            up(1, "a", 1),
+            Op::Delete { id: Bson::Int32(2) },
+            Op::Upsert {
+                id: Bson::Int32(3),
+                key: None,
+                doc: doc! {"_id": 3},
+            },
+        ];
+        let plan = Plan::build(&ops, "dataId", true);
+        let by_key = |d: &Document| d.get_document("q").unwrap().contains_key("dataId");
+        for d in plan.deletes.iter().chain(&plan.upserts) {
+            let collation = d.get_document("collation").ok();
+            if by_key(d) {
+                assert_eq!(collation, Some(&binary()), "{d}");
+            } else {
+                assert_eq!(collation, None, "{d}");
+            }
+        }
+        assert_eq!(plan.upserts.iter().filter(|d| by_key(d)).count(), 1);
+        assert_eq!(plan.deletes.iter().filter(|d| by_key(d)).count(), 1);
     }
 }

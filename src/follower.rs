@@ -311,22 +311,44 @@ impl Follower {
 
     async fn ensure_key_index_inner(&self, ns: &Ns) -> Result<(), ApplyError> {
         let key_field = self.key_field(ns);
+        let name = key_index_name(key_field);
+        // Binary, whatever the collection's default collation: the statements that find by
+        // key compare binary (`change::binary`), and only an index of the same collation
+        // serves them.
         let cmd = doc! {
             "createIndexes": &ns.coll,
-            "indexes": [{"key": {key_field: 1}, "name": key_index_name(key_field)}],
+            "indexes": [{"key": {key_field: 1}, "name": &name, "collation": crate::change::binary()}],
         };
-        match self.command(self.target_db(ns), cmd, None).await {
+        let db = self.target_db(ns);
+        match self.command(db, cmd.clone(), None).await {
             Ok(_) => Ok(()),
-            // An equivalent index under another name, or other options: it serves as well.
             Err(ApplyError::Unavailable(m))
                 if m.contains("already exists")
                     || m.contains("IndexOptionsConflict")
                     || m.contains("IndexKeySpecsConflict") =>
             {
+                // Ours, built by an earlier version under the collection's own collation,
+                // cannot serve binary lookups: built again. Anything else is an equivalent
+                // index under another name, which serves as well.
+                if self.own_index_collated(ns, &name).await? {
+                    tracing::info!(follower = %self.name, collection = %ns, index = %name, "rebuilding the replicator's key index with a binary collation");
+                    self.command(db, doc! {"dropIndexes": &ns.coll, "index": &name}, None)
+                        .await?;
+                    self.command(db, cmd, None).await?;
+                }
                 Ok(())
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether the follower's index `name` compares under a collation other than binary.
+    async fn own_index_collated(&self, ns: &Ns, name: &str) -> Result<bool, ApplyError> {
+        let meta = crate::meta::read(&self.client.database(self.target_db(ns)), &ns.coll).await?;
+        Ok(meta.index(name).is_some_and(|ix| {
+            ix.get_document("collation")
+                .is_ok_and(|c| c.get_str("locale").unwrap_or("simple") != "simple")
+        }))
     }
 
     /// Applies one coalesced batch and leaves `w.next` as the pipeline's checkpoint, fenced

@@ -235,6 +235,17 @@ pub fn diff(source: &CollMeta, follower: &CollMeta) -> Vec<MetaDiff> {
     out
 }
 
+/// Whether index `ix` (as listed by the source) serves the replicator's lookups by key as
+/// well as its own index would: binary collation, every document (no partial filter). Its
+/// key pattern is compared by the caller. (A hidden one does not serve, but cannot coexist
+/// with ours either: the source's index wins.)
+fn serves_binary_lookups(ix: &Document) -> bool {
+    let binary = ix.get_document("collation").map_or(true, |c| {
+        c.get_str("locale").unwrap_or("simple") == "simple"
+    });
+    binary && !ix.contains_key("partialFilterExpression")
+}
+
 /// Makes the follower collection `coll` in `follower_db` match `source`: creates it with the
 /// source's options when missing; `collMod` for the options it can change in place
 /// (validator, validationLevel, validationAction, changeStreamPreAndPostImages, and a capped
@@ -355,7 +366,10 @@ pub async fn apply(
             drop_index(follower_db, coll, name).await?;
         }
         let key = s.get("key").map(normalise);
-        if key.as_ref() == Some(&own_key) {
+        // MongoDB refuses a second index with one key pattern, collation and partial filter.
+        // One that differs from ours in either coexists with ours, which must stay: the
+        // replicator's lookups by key compare binary and need every document indexed.
+        if key.as_ref() == Some(&own_key) && serves_binary_lookups(s) {
             for f in &follower.indexes {
                 let own = index_name(f);
                 if own.starts_with(OWN_INDEX_PREFIX)
@@ -637,6 +651,25 @@ fn short(v: &Bson) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_binary_index_over_every_document_replaces_the_key_index() {
+        assert!(serves_binary_lookups(
+            &doc! {"key": {"k": 1}, "name": "k_1"}
+        ));
+        assert!(serves_binary_lookups(
+            &doc! {"key": {"k": 1}, "name": "k_1", "collation": {"locale": "simple"}}
+        ));
+        assert!(serves_binary_lookups(
+            &doc! {"key": {"k": 1}, "name": "k_1", "unique": true, "sparse": true}
+        ));
+        assert!(!serves_binary_lookups(
+            &doc! {"key": {"k": 1}, "name": "k_1", "collation": {"locale": "en", "strength": 2}}
+        ));
+        assert!(!serves_binary_lookups(
+            &doc! {"key": {"k": 1}, "name": "k_1", "partialFilterExpression": {"a": {"$gt": 1}}}
+        ));
+    }
 
     fn meta(options: Document, indexes: Vec<Document>) -> CollMeta {
         CollMeta {

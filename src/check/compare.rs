@@ -111,6 +111,8 @@ impl Checker {
             // sort of the whole collection. Documents sharing a key (the key should be
             // unique) may then come in any order; the recheck compares them by `_id`.
             .sort(doc! {&self.key: 1})
+            // Binary, as `cmp_bson` orders keys, whatever the collection's default collation.
+            .collation(crate::change::binary_collation())
             .allow_disk_use(true)
             .batch_size(1000)
             .await

@@ -148,6 +148,7 @@ impl Checker {
                 let mut cursor = coll
                     .find(filter)
                     .sort(doc! {"_id": 1})
+                    .collation(crate::change::binary_collation())
                     .session(&mut *s)
                     .await
                     .map_err(|e| cannot_run(what, e))?;
@@ -170,6 +171,7 @@ impl Checker {
         coll.clone_with_type::<RawDocumentBuf>()
             .find(filter)
             .sort(doc! {"_id": 1})
+            .collation(crate::change::binary_collation())
             .await
             .map_err(|e| cannot_run(what, e))?
             .try_collect()

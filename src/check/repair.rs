@@ -134,11 +134,13 @@ impl Checker {
                 {"_id": {"$eq": id.clone()}, "$nor": [crate::change::key_eq(&self.key, k)]},
                 other_id,
             ]})
+            .collation(crate::change::binary_collation())
             .await?;
         r.deleted += del.deleted_count;
         self.fol
             .replace_one(crate::change::key_eq(&self.key, k), doc)
             .upsert(true)
+            .collation(crate::change::binary_collation())
             .await?;
         r.upserted += 1;
         Ok(())
@@ -153,6 +155,7 @@ impl Checker {
             let docs: Vec<Document> = self
                 .src
                 .find(filter.clone())
+                .collation(crate::change::binary_collation())
                 .await
                 .map_err(|e| cannot_run("source", e))?
                 .try_collect()
@@ -165,6 +168,7 @@ impl Checker {
                 let del = self
                     .fol
                     .delete_many(doc! {"$and": [filter.clone(), {"_id": {"$nin": ids.clone()}}]})
+                    .collation(crate::change::binary_collation())
                     .await
                     .map_err(|e| cannot_run("follower", e))?;
                 r.deleted += del.deleted_count;
@@ -178,6 +182,7 @@ impl Checker {
                         "_id": {"$eq": id.clone()},
                         "$nor": [crate::change::key_eq(&self.key, key)],
                     })
+                    .collation(crate::change::binary_collation())
                     .await
                     .map_err(|e| cannot_run("follower", e))?;
                 r.deleted += del.deleted_count;
