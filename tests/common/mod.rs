@@ -78,6 +78,10 @@ pub struct ServerOpts {
     pub auth: bool,
     /// Serve TLS with these certificates.
     pub tls: Option<secure::ServerTls>,
+    /// The storage engine's cache (default 128M, as many servers run side by side). A write
+    /// burst of tens of megabytes can stall a small one for good on the test server (see
+    /// tests/README).
+    pub cache_size: Option<&'static str>,
 }
 
 pub struct Server {
@@ -139,7 +143,8 @@ impl Server {
             cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .arg("--storage-path")
                 .arg(&data)
-                .args(["--log-file-max", "16MB", "--cache-size", "128M"])
+                .args(["--log-file-max", "16MB"])
+                .args(["--cache-size", self.opts.cache_size.unwrap_or("128M")])
                 .arg("--enable-test-commands");
             if !self.opts.no_sync {
                 // Journaled writes survive a kill -9, as acknowledged writes do on mongod
