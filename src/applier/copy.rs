@@ -175,6 +175,17 @@ impl Pair {
             .follower
             .client()
             .database(self.follower.target_db(&self.ns));
+        // What stops the pair is decided before any change: a refused index or collMod
+        // below must not hide it.
+        let before = self.follower_meta().await?;
+        if before.exists {
+            if let Some(d) = crate::meta::diff(src, &before)
+                .iter()
+                .find(|d| blocks_writes(d))
+            {
+                return Err(self.cannot_change_in_place(d));
+            }
+        }
         let key_field = self.follower.key_field(&self.ns);
         let limit = self.config.replication.write_timeout;
         let applied = match tokio::time::timeout(
@@ -207,10 +218,7 @@ impl Pair {
             tracing::info!(follower = %self.name(), collection = %self.label, change = %change, "follower indexes and options brought in line with the source");
         }
         if let Some(left) = applied.unfixed.iter().find(|d| blocks_writes(d)) {
-            return Err(PairError::Fatal(format!(
-                "the follower collection differs from the source's in an option that cannot change in place ({left}); the replicator never drops a follower collection (a drop cannot be fenced, so a stale leader could drop a newer leader's copy): drop it on the follower yourself, then run `mongo-replicator resync --follower {}` (the copy creates it with the source's options)",
-                self.name()
-            )));
+            return Err(self.cannot_change_in_place(left));
         }
         for left in &applied.unfixed {
             tracing::warn!(follower = %self.name(), collection = %self.label, difference = %left, "a collection option differs from the source's and cannot change in place; `check` reports it");
@@ -218,6 +226,51 @@ impl Pair {
         self.follower.ensure_key_index(&self.ns).await?;
         self.meta_ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn cannot_change_in_place(&self, d: &crate::meta::MetaDiff) -> PairError {
+        PairError::Fatal(format!(
+            "the follower collection differs from the source's in an option that cannot change in place ({d}); the replicator never drops a follower collection (a drop cannot be fenced, so a stale leader could drop a newer leader's copy): drop it on the follower yourself, then run `mongo-replicator resync --follower {}` (the copy creates it with the source's options)",
+            self.name()
+        ))
+    }
+
+    /// The follower collection's options and indexes as they are now.
+    async fn follower_meta(&self) -> Result<crate::meta::CollMeta, PairError> {
+        let fdb = self
+            .follower
+            .client()
+            .database(self.follower.target_db(&self.ns));
+        self.fol(crate::meta::read(&fdb, &self.ns.coll)).await
+    }
+
+    /// Under `indexes = false` the follower collection's options are the user's, but one
+    /// thing cannot be left to them: a default collation other than the source's and not
+    /// binary. The `_id` index has it, so a document the source holds apart ("A" and "a"
+    /// under a binary source) would be the same one there, and the statement that clears
+    /// the way for one would delete the other. That stops the pair, with the way out. A
+    /// follower collation that is binary is stricter than any source's, and harmless.
+    pub(super) async fn refuse_a_looser_collation(
+        &self,
+        src: &crate::meta::CollMeta,
+    ) -> Result<(), PairError> {
+        let fol = self.follower_meta().await?;
+        let binary = |c: Option<&mongodb::bson::Document>| {
+            c.is_none_or(|c| c.get_str("locale").unwrap_or("simple") == "simple")
+        };
+        if !fol.exists || binary(fol.options.get_document("collation").ok()) {
+            return Ok(());
+        }
+        if let Some(d) = crate::meta::diff(src, &fol)
+            .iter()
+            .find(|d| matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation"))
+        {
+            return Err(PairError::Fatal(format!(
+                "the follower collection has a default collation that the source's does not share ({d}): under it, documents the source holds apart can be one on the follower, and a write of one would replace or delete the other; with replication.indexes = false the replicator leaves the follower's options to you, so create the follower collection with the source's collation (or none), then run `mongo-replicator resync --follower {}`",
+                self.name()
+            )));
+        }
         Ok(())
     }
 

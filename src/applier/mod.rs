@@ -485,6 +485,7 @@ impl Pair {
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             self.sync_meta_to(&src).await?;
         } else {
+            self.refuse_a_looser_collation(&src).await?;
             self.follower.ensure_key_index(&self.ns).await?;
         }
         self.stats

@@ -89,12 +89,19 @@ impl Checker {
                     Ok(Ok(crate::change::Op::Upsert {
                         key: Some(k), doc, ..
                     })) => self.write_keyed(&id, &k, doc, r).await,
-                    Ok(Ok(crate::change::Op::Upsert { doc, .. })) => self
-                        .fol
-                        .replace_one(by_id.clone(), doc)
-                        .upsert(true)
-                        .await
-                        .map(|_| r.upserted += 1),
+                    Ok(Ok(crate::change::Op::Upsert { doc, .. })) => {
+                        match self.clear_id_variants(&id).await {
+                            Ok(n) => {
+                                r.deleted += n;
+                                self.fol
+                                    .replace_one(by_id.clone(), doc)
+                                    .upsert(true)
+                                    .await
+                                    .map(|_| r.upserted += 1)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
                     // Skipped by policy: it does not belong on the follower.
                     _ => self.fol.delete_one(by_id.clone()).await.map(|d| {
                         r.deleted += d.deleted_count;
@@ -118,6 +125,34 @@ impl Checker {
         Ok(())
     }
 
+    /// Removes follower documents that the `_id` index holds equal to `id` without being it:
+    /// "a" for "A" under a case-insensitive collection collation (which the `_id` index
+    /// always has), 1.0 for 1. A replacement by `_id` would find such a document and fail
+    /// (an `_id` cannot change), and the binary statements below do not see it.
+    async fn clear_id_variants(&self, id: &Bson) -> Result<u64, mongodb::error::Error> {
+        let found: Vec<Document> = self
+            .fol
+            .find(crate::change::eq("_id", id))
+            .projection(doc! {"_id": 1})
+            .await?
+            .try_collect()
+            .await?;
+        let mut deleted = 0;
+        for f in found {
+            match f.get("_id") {
+                Some(other) if other != id => {
+                    deleted += self
+                        .fol
+                        .delete_one(crate::change::eq("_id", other))
+                        .await?
+                        .deleted_count;
+                }
+                _ => {}
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Writes `doc` under key `k`, first removing follower documents that would block it.
     async fn write_keyed(
         &self,
@@ -126,6 +161,7 @@ impl Checker {
         doc: Document,
         r: &mut RepairReport,
     ) -> Result<(), mongodb::error::Error> {
+        r.deleted += self.clear_id_variants(id).await?;
         let mut other_id = crate::change::key_eq(&self.key, k);
         other_id.insert("_id", doc! {"$ne": id.clone()});
         let del = self
@@ -176,6 +212,10 @@ impl Checker {
             for d in docs {
                 let id = d.get("_id").cloned().unwrap_or(Bson::Null);
                 // A follower document with this _id but another key would block the write.
+                r.deleted += self
+                    .clear_id_variants(&id)
+                    .await
+                    .map_err(|e| cannot_run("follower", e))?;
                 let del = self
                     .fol
                     .delete_many(doc! {
