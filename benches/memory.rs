@@ -42,9 +42,27 @@ async fn until_count(c: &mongodb::Collection<Document>, n: u64) {
     .await;
 }
 
+/// As in the performance bench: the suite's 128 MB cache can stall the test server under a
+/// burst of writes (tests/README).
+fn big_cache() -> ServerOpts {
+    ServerOpts {
+        cache_size: Some("2G"),
+        ..Default::default()
+    }
+}
+
 /// Catches up `docs` written while the node was stopped; returns (seconds, peak MiB).
 async fn backlog(n: usize, size: usize, label: &str) -> (f64, u64) {
-    let (src, f1) = (Server::start().await, Server::start().await);
+    // The test server keeps 100,000 oplog entries by default: a backlog of that size would
+    // fall off and become a copy (which the assertion below refuses).
+    let (src, f1) = (
+        Server::start_with(ServerOpts {
+            oplog_max_entries: Some(2 * n as u64 + 100_000),
+            ..big_cache()
+        })
+        .await,
+        Server::start_with(big_cache()).await,
+    );
     let s = src.coll("data").await;
     let f = f1.coll("data").await;
     let cfg = ConfigBuilder::new(&src, &[&f1]);
@@ -67,13 +85,20 @@ async fn backlog(n: usize, size: usize, label: &str) -> (f64, u64) {
     until_count(&f, n as u64).await;
     let secs = t.elapsed().as_secs_f64();
     let peak = r.peak_rss_kib().unwrap_or(0) / 1024;
+    assert!(
+        !r.log().contains("copying this follower again"),
+        "the backlog fell off the source's oplog: the figure would be a copy, not a catch-up"
+    );
     r.terminate().await;
     (secs, peak)
 }
 
 /// Copies `n` existing documents to a new follower; returns (seconds, peak MiB).
 async fn copy(n: usize, size: usize) -> (f64, u64) {
-    let (src, f1) = (Server::start().await, Server::start().await);
+    let (src, f1) = (
+        Server::start_with(big_cache()).await,
+        Server::start_with(big_cache()).await,
+    );
     let s = src.coll("data").await;
     let payload = "x".repeat(size);
     insert_all(
