@@ -242,10 +242,28 @@ pub fn coalesce(ops: Vec<Op>) -> Coalesced {
 /// collation would otherwise find "Key" for "key", and the upsert of one would overwrite (or
 /// the careful plan delete) the other. The replicator's own key index is built with it too
 /// ([`crate::follower::Follower::ensure_key_index`]), so these statements use that index.
-/// Statements by `_id` keep the collection's default: they must agree with the `_id` index,
-/// which always has it, and which the source enforces the same way.
+/// Statements by `_id` compare as the source does ([`identity`]).
 pub fn binary() -> Document {
     doc! {"locale": "simple"}
+}
+
+/// The collation under which two `_id`s are one document: the source collection's default
+/// (its `_id` index has it and keeps `_id`s unique under it), binary when it has none.
+/// Statements by `_id` carry it, so that the follower finds what the source means by that
+/// `_id` whatever the follower collection's own collation: under a follower collation
+/// looser than the source's, a statement for "a" must not find "A", which the source holds
+/// apart (the follower then refuses "a", and it is quarantined, not "A" lost). When the two
+/// agree, as with `replication.indexes`, the follower's `_id` index serves these statements.
+pub fn identity(source_options: &Document) -> Document {
+    match source_options.get_document("collation") {
+        Ok(c) if c.get_str("locale").unwrap_or("simple") != "simple" => {
+            let mut c = c.clone();
+            // Reported by the server (its ICU version); not part of a collation one asks for.
+            c.remove("version");
+            c
+        }
+        _ => binary(),
+    }
 }
 
 /// [`binary`] for the driver's helpers.
@@ -276,7 +294,7 @@ impl Plan {
     /// with the key but another `_id` (a document that did not come from this source, or an
     /// older incarnation of the key). The fast plan is tried first; the careful one only
     /// when the follower reports such a conflict.
-    pub fn build(ops: &[Op], key_field: &str, careful: bool) -> Plan {
+    pub fn build(ops: &[Op], key_field: &str, careful: bool, id_collation: &Document) -> Plan {
         let mut plan = Plan {
             careful,
             ..Plan::default()
@@ -284,7 +302,9 @@ impl Plan {
         for (i, op) in ops.iter().enumerate() {
             match op {
                 Op::Delete { id } => {
-                    plan.deletes.push(doc! {"q": eq("_id", id), "limit": 1});
+                    plan.deletes.push(
+                        doc! {"q": eq("_id", id), "limit": 1, "collation": id_collation.clone()},
+                    );
                     plan.delete_ops.push(i);
                 }
                 Op::Upsert { id, key, doc } => {
@@ -300,7 +320,10 @@ impl Plan {
                             // on an index (an `$or` of both, or a `$nor` beside the `_id`, is
                             // a scan of the collection per statement on servers that do not
                             // use the index for them).
-                            plan.deletes.push(doc! {"q": eq("_id", id), "limit": 1});
+                            plan.deletes.push(doc! {
+                                "q": eq("_id", id), "limit": 1,
+                                "collation": id_collation.clone(),
+                            });
                             plan.delete_ops.push(i);
                             let mut other_id = key_eq(key_field, k);
                             other_id.insert("_id", doc! {"$ne": id.clone()});
@@ -309,12 +332,15 @@ impl Plan {
                             plan.delete_ops.push(i);
                         }
                     }
-                    let mut upsert =
-                        doc! {"q": q, "u": doc.clone(), "upsert": true, "multi": false};
-                    if by_key {
-                        upsert.insert("collation", binary());
-                    }
-                    plan.upserts.push(upsert);
+                    let collation = if by_key {
+                        binary()
+                    } else {
+                        id_collation.clone()
+                    };
+                    plan.upserts.push(doc! {
+                        "q": q, "u": doc.clone(), "upsert": true, "multi": false,
+                        "collation": collation,
+                    });
                     plan.upsert_ops.push(i);
                 }
             }
@@ -410,10 +436,10 @@ mod tests {
             Op::Delete { id: Bson::Int32(1) },
             up(2, "a", 2),
         ]);
-        let plan = Plan::build(&ops.ops, "dataId", false);
+        let plan = Plan::build(&ops.ops, "dataId", false, &binary());
         assert_eq!(
             plan.deletes,
-            vec![doc! {"q": {"_id": {"$eq": 1}}, "limit": 1}]
+            vec![doc! {"q": {"_id": {"$eq": 1}}, "limit": 1, "collation": {"locale": "simple"}}]
         );
         assert_eq!(plan.upserts.len(), 1);
         assert_eq!(
@@ -443,7 +469,7 @@ mod tests {
         let op = upsert_for(d.clone(), "dataId", MissingKey::UseId)
             .unwrap()
             .unwrap();
-        let plan = Plan::build(&[op], "dataId", true);
+        let plan = Plan::build(&[op], "dataId", true, &binary());
         assert_eq!(
             plan.upserts[0].get_document("q").unwrap(),
             &doc! {"_id": {"$eq": 7}}
@@ -491,7 +517,7 @@ mod tests {
             assert!(e.to_string().contains("cannot serve as a key"), "{e}");
             // use_id matches on _id, by value.
             let op = upsert_for(d, "dataId", MissingKey::UseId).unwrap().unwrap();
-            let plan = Plan::build(&[op], "dataId", true);
+            let plan = Plan::build(&[op], "dataId", true, &binary());
             assert_eq!(
                 plan.upserts[0].get_document("q").unwrap(),
                 &doc! {"_id": {"$eq": 3}}
@@ -505,7 +531,7 @@ mod tests {
         ] {
             let d = doc! {"_id": 3, "dataId": key.clone()};
             let op = upsert_for(d, "dataId", MissingKey::Fail).unwrap().unwrap();
-            let plan = Plan::build(&[op], "dataId", false);
+            let plan = Plan::build(&[op], "dataId", false, &binary());
             assert_eq!(
                 plan.upserts[0].get_document("q").unwrap(),
                 &doc! {"dataId": {"$eq": key, "$not": {"$type": "array"}}}
@@ -536,7 +562,7 @@ mod tests {
             key: Some(Bson::Document(doc! {"k": 1})),
             doc: doc! {"_id": {"x": 1}, "dataId": {"k": 1}},
         };
-        let plan = Plan::build(&[op], "dataId", true);
+        let plan = Plan::build(&[op], "dataId", true, &binary());
         for d in &plan.deletes {
             let q = d.get_document("q").unwrap().to_string();
             assert!(q.contains("\"$eq\""), "{q}");
@@ -549,10 +575,13 @@ mod tests {
     /// equality at its top: the `_id`, or the key.
     #[test]
     fn careful_plan_clears_blocking_documents_with_indexed_statements() {
-        let plan = Plan::build(&[up(1, "a", 1)], "dataId", true);
+        let plan = Plan::build(&[up(1, "a", 1)], "dataId", true, &binary());
         assert_eq!(plan.deletes.len(), 2);
         assert_eq!(plan.delete_ops, vec![0, 0]);
-        assert_eq!(plan.deletes[0], doc! {"q": {"_id": {"$eq": 1}}, "limit": 1});
+        assert_eq!(
+            plan.deletes[0],
+            doc! {"q": {"_id": {"$eq": 1}}, "limit": 1, "collation": {"locale": "simple"}}
+        );
         let other = plan.deletes[1].get_document("q").unwrap();
         assert_eq!(
             other
@@ -570,10 +599,11 @@ mod tests {
         }
     }
     /// Under a follower collection's case-insensitive default collation, "key" would find
-    /// "Key": every statement that finds by key compares binary; those by `_id` keep the
-    /// collection's default, as the `_id` index does.
+    /// "Key": every statement that finds by key compares binary; those by `_id` compare as
+    /// the source does.
     #[test]
-    fn statements_by_key_compare_binary_and_those_by_id_keep_the_default() {
+    fn statements_by_key_compare_binary_and_those_by_id_as_the_source() {
+        let ci = doc! {"locale": "en", "strength": 2};
         let ops = vec![
             up(1, "a", 1),
             Op::Delete { id: Bson::Int32(2) },
@@ -583,17 +613,26 @@ mod tests {
                 doc: doc! {"_id": 3},
             },
         ];
-        let plan = Plan::build(&ops, "dataId", true);
+        let plan = Plan::build(&ops, "dataId", true, &ci);
         let by_key = |d: &Document| d.get_document("q").unwrap().contains_key("dataId");
         for d in plan.deletes.iter().chain(&plan.upserts) {
-            let collation = d.get_document("collation").ok();
-            if by_key(d) {
-                assert_eq!(collation, Some(&binary()), "{d}");
-            } else {
-                assert_eq!(collation, None, "{d}");
-            }
+            let want = if by_key(d) { binary() } else { ci.clone() };
+            assert_eq!(d.get_document("collation").ok(), Some(&want), "{d}");
         }
         assert_eq!(plan.upserts.iter().filter(|d| by_key(d)).count(), 1);
         assert_eq!(plan.deletes.iter().filter(|d| by_key(d)).count(), 1);
+    }
+
+    #[test]
+    fn identity_is_the_source_collation_without_its_version_or_binary() {
+        assert_eq!(identity(&doc! {}), binary());
+        assert_eq!(
+            identity(&doc! {"collation": {"locale": "simple"}}),
+            binary()
+        );
+        assert_eq!(
+            identity(&doc! {"collation": {"locale": "en", "strength": 2, "version": "57.1"}}),
+            doc! {"locale": "en", "strength": 2}
+        );
     }
 }

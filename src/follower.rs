@@ -112,6 +112,8 @@ pub struct Write<'a> {
     /// A copy starts: remove every quarantine record of the pipeline (the copy writes each
     /// document again, and refuses what is still refused).
     pub reset_quarantine: bool,
+    /// The collation under which the source holds two `_id`s as one ([`crate::change::identity`]).
+    pub id_collation: &'a Document,
 }
 
 /// What [`Follower::apply`] did.
@@ -710,7 +712,7 @@ impl Follower {
         // Fence first, then the data and the quarantine, then the checkpoint: all or nothing.
         let body = async {
             self.raise_fence(Some(&mut *session), w.ns, w.term).await?;
-            let plan = Plan::build(ops, self.key_field(w.ns), careful);
+            let plan = Plan::build(ops, self.key_field(w.ns), careful, w.id_collation);
             self.run_plan(Some(&mut *session), w.ns, &plan).await?;
             let cleared = self
                 .record_quarantine(Some(&mut *session), w, ops, quarantined)
@@ -764,7 +766,7 @@ impl Follower {
         last: bool,
     ) -> Result<(Rev, QuarantineWrite), TxnErr> {
         self.raise_fence(None, w.ns, w.term).await?;
-        let plan = Plan::build(ops, self.key_field(w.ns), careful);
+        let plan = Plan::build(ops, self.key_field(w.ns), careful, w.id_collation);
         self.run_plan(None, w.ns, &plan).await?;
         let cleared = self
             .record_quarantine(None, w, ops, quarantined)

@@ -299,6 +299,7 @@ impl Pipes {
                     ),
                     hub: Some(hub),
                     meta_ready: std::sync::atomic::AtomicBool::new(false),
+                    id_collation: std::sync::Mutex::new(None),
                 };
                 self.set.spawn(pair.run(self.stop.clone()));
             }

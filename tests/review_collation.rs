@@ -1,7 +1,8 @@
 //! Hostile review of "a key matches only itself" (binary key lookups under a collection's
 //! default collation), kept as regression tests: a follower collation looser than the
-//! source's, a repair across `_id`s that differ only by case, and a collation difference
-//! hidden by an index the follower cannot build.
+//! source's (refused documents are quarantined, none replaced), a repair across `_id`s that
+//! differ only by case, and a collation difference hidden by an index the follower cannot
+//! build.
 
 mod common;
 
@@ -68,8 +69,8 @@ async fn wait_same_by_id(
 /// hold `_id`s "A" and "a"; the follower cannot hold both (its `_id` index equates them). It
 /// was silent loss: the insert of "a" failed on the follower's `_id` index, the careful plan
 /// deleted by `_id` "a" under the follower's default collation, which removed "A", and wrote
-/// "a" in its place. Now the pair stops at once, naming the collation, and the follower
-/// collection is left as it was.
+/// "a" in its place. Now statements by `_id` compare as the source does: "A" stays, exactly
+/// the source's, and "a" is refused loudly (quarantined).
 #[tokio::test]
 async fn a_case_variant_id_never_deletes_another_document_under_a_different_follower_collation() {
     let (src, f1) = (Server::start().await, Server::start().await);
@@ -81,9 +82,6 @@ async fn a_case_variant_id_never_deletes_another_document_under_a_different_foll
         .await
         .unwrap();
     let f = f1.coll("data").await;
-    f.insert_one(doc! {"_id": "A", "dataId": "k1"})
-        .await
-        .unwrap();
     let s = src.coll("data").await;
     s.insert_one(doc! {"_id": "A", "dataId": "k1"})
         .await
@@ -91,28 +89,64 @@ async fn a_case_variant_id_never_deletes_another_document_under_a_different_foll
     s.insert_one(doc! {"_id": "a", "dataId": "k2"})
         .await
         .unwrap();
+    s.insert_one(doc! {"_id": "marker", "dataId": "marker"})
+        .await
+        .unwrap();
     let cfg = ConfigBuilder::new(&src, &[&f1]).extra("[replication]\nindexes = false\n");
     let r = Replicator::start(&cfg, "n1");
     r.wait_leader(LEAD).await;
-    let stopped = || async {
-        r.status().await.is_some_and(|st| {
-            st["followers"][0]["state"] == "stopped"
-                && st["followers"][0]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("collation"))
-        })
-    };
-    let ok = poll_until(CONVERGE, stopped).await;
+    let ok = poll_until(CONVERGE, || async {
+        has_id(&f, "marker").await && r.quarantined("f1").await >= 1
+    })
+    .await;
     assert!(
         ok,
-        "the pair did not stop for the follower's collation: {:?}",
-        r.status().await.map(|s| s["followers"][0].to_string())
+        "the copy did not finish with \"a\" refused: follower {:?}; status {:?}",
+        all_by_id(&f).await,
+        r.status().await
     );
+    let want = s
+        .find_one(doc! {"_id": "A"})
+        .collation(binary())
+        .await
+        .unwrap();
+    let got = f
+        .find_one(doc! {"_id": "A"})
+        .collation(binary())
+        .await
+        .unwrap();
+    assert_eq!(got, want, "follower {:?}", all_by_id(&f).await);
+    // While streaming too: another pair of case variants.
+    s.insert_one(doc! {"_id": "B", "dataId": "k3"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"_id": "b", "dataId": "k4"})
+        .await
+        .unwrap();
+    s.insert_one(doc! {"_id": "marker2", "dataId": "marker2"})
+        .await
+        .unwrap();
+    let ok = poll_until(CONVERGE, || async {
+        has_id(&f, "marker2").await && r.quarantined("f1").await >= 2
+    })
+    .await;
     assert!(
-        has_id(&f, "A").await,
-        "\"A\" was deleted from the follower (follower {:?})",
-        all_by_id(&f).await
+        ok,
+        "follower {:?}; status {:?}",
+        all_by_id(&f).await,
+        r.status().await
     );
+    let want = s
+        .find_one(doc! {"_id": "B"})
+        .collation(binary())
+        .await
+        .unwrap();
+    let got = f
+        .find_one(doc! {"_id": "B"})
+        .collation(binary())
+        .await
+        .unwrap();
+    assert_eq!(got, want, "follower {:?}", all_by_id(&f).await);
     drop(r);
 }
 

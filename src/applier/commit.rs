@@ -18,6 +18,10 @@ impl Pair {
         {
             self.sync_meta().await?;
         }
+        if !ops.is_empty() && self.identity().is_none() {
+            let src = self.source_meta().await?;
+            self.learn_identity(&src);
+        }
         let Coalesced {
             ops,
             duplicate_keys,
@@ -37,6 +41,22 @@ impl Pair {
         Ok(())
     }
 
+    /// The source's `_id` collation, when known (see [`Pair::id_collation`]).
+    pub(super) fn identity(&self) -> Option<Document> {
+        self.id_collation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the source collection's `_id` collation from its metadata (unknown while it
+    /// does not exist; a write then reads it again, and one that finds it still missing,
+    /// its events being from before a drop, compares binary).
+    pub(super) fn learn_identity(&self, src: &crate::meta::CollMeta) {
+        *self.id_collation.lock().unwrap_or_else(|e| e.into_inner()) =
+            src.exists.then(|| crate::change::identity(&src.options));
+    }
+
     /// Applies `ops` as they are (already coalesced) with checkpoint `cp`; returns what the
     /// follower quarantined. `log` reports each quarantined document (once per document).
     pub(super) async fn apply_ops(
@@ -47,6 +67,7 @@ impl Pair {
         log: bool,
     ) -> Result<Vec<crate::follower::Quarantined>, PairError> {
         let expect = self.rev();
+        let id_collation = self.identity().unwrap_or_else(crate::change::binary);
         let applied = match self
             .follower
             .apply(&Write {
@@ -58,6 +79,7 @@ impl Pair {
                 clear_quarantine: self.stats.quarantined() > 0,
                 // Only the copy's start marker: no ops, nothing copied yet.
                 reset_quarantine: ops.is_empty() && cp.copy_after == Some(Bson::Null),
+                id_collation: &id_collation,
             })
             .await
         {

@@ -245,13 +245,12 @@ impl Pair {
         self.fol(crate::meta::read(&fdb, &self.ns.coll)).await
     }
 
-    /// Under `indexes = false` the follower collection's options are the user's, but one
-    /// thing cannot be left to them: a default collation other than the source's and not
-    /// binary. The `_id` index has it, so a document the source holds apart ("A" and "a"
-    /// under a binary source) would be the same one there, and the statement that clears
-    /// the way for one would delete the other. That stops the pair, with the way out. A
-    /// follower collation that is binary is stricter than any source's, and harmless.
-    pub(super) async fn refuse_a_looser_collation(
+    /// Under `indexes = false` the follower collection's options are the user's. One with a
+    /// default collation that is not binary and not the source's may hold two documents the
+    /// source holds apart ("A" and "a" under a binary source) as one: the replicator never
+    /// lets one replace the other (statements by `_id` compare as the source does), so the
+    /// follower refuses the second and it is quarantined. Said once, at the start.
+    pub(super) async fn warn_of_a_looser_collation(
         &self,
         src: &crate::meta::CollMeta,
     ) -> Result<(), PairError> {
@@ -266,10 +265,7 @@ impl Pair {
             .iter()
             .find(|d| matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation"))
         {
-            return Err(PairError::Fatal(format!(
-                "the follower collection has a default collation that the source's does not share ({d}): under it, documents the source holds apart can be one on the follower, and a write of one would replace or delete the other; with replication.indexes = false the replicator leaves the follower's options to you, so create the follower collection with the source's collation (or none), then run `mongo-replicator resync --follower {}`",
-                self.name()
-            )));
+            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection has a default collation the source's does not share: documents the source holds apart may be one there, and the follower then refuses the second (it is quarantined); create the follower collection with the source's collation (or none), then resync");
         }
         Ok(())
     }

@@ -79,6 +79,11 @@ pub struct Pair {
     /// The follower collection has the source's options and indexes (see
     /// `copy::sync_meta`); until then, the first write brings them over first.
     pub meta_ready: std::sync::atomic::AtomicBool,
+    /// The collation under which the source collection holds two `_id`s as one
+    /// ([`crate::change::identity`]), read with its metadata when the pipeline starts; when
+    /// it did not exist then, the first write reads it. (A collection cannot change its
+    /// collation without a drop, and a drop starts the pipeline again.)
+    pub id_collation: std::sync::Mutex<Option<Document>>,
 }
 
 /// How a pipeline ended.
@@ -394,6 +399,7 @@ impl Pair {
                 expect: &expect,
                 clear_quarantine: false,
                 reset_quarantine: false,
+                id_collation: &crate::change::binary(),
             })
             .await?;
         self.set_rev(applied.rev);
@@ -473,8 +479,9 @@ impl Pair {
             tracing::info!(follower = %self.name(), collection = %self.label, sessions = aborted, "aborted transactions left open by earlier writers");
         }
         self.follower.claim(&self.ns, term).await?;
-        // One read of the source collection's metadata serves both checks below.
+        // One read of the source collection's metadata serves the checks below.
         let src = self.source_meta().await?;
+        self.learn_identity(&src);
         if src.exists && copy::is_capped(&src.options) {
             return Err(PairError::Fatal(copy::CAPPED.into()));
         }
@@ -485,7 +492,7 @@ impl Pair {
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             self.sync_meta_to(&src).await?;
         } else {
-            self.refuse_a_looser_collation(&src).await?;
+            self.warn_of_a_looser_collation(&src).await?;
             self.follower.ensure_key_index(&self.ns).await?;
         }
         self.stats
