@@ -245,27 +245,37 @@ impl Pair {
         self.fol(crate::meta::read(&fdb, &self.ns.coll)).await
     }
 
-    /// Under `indexes = false` the follower collection's options are the user's. One with a
-    /// default collation that is not binary and not the source's may hold two documents the
-    /// source holds apart ("A" and "a" under a binary source) as one: the replicator never
-    /// lets one replace the other (statements by `_id` compare as the source does), so the
-    /// follower refuses the second and it is quarantined. Said once, at the start.
-    pub(super) async fn warn_of_a_looser_collation(
+    /// Under `indexes = false` the follower collection's options are the user's, and its
+    /// default collation may differ from the source's. Said once, at the start:
+    /// - one that is not binary may hold two documents the source holds apart ("A" and "a"
+    ///   under a binary source) as one: the replicator never lets one replace the other
+    ///   (statements by `_id` compare as the source does), so the follower refuses the
+    ///   second and it is quarantined;
+    /// - any other (a binary follower under a collated source, say) loses nothing, but its
+    ///   `_id` index, which has the follower's collation, cannot serve those statements for
+    ///   string `_id`s on MongoDB: each scans the collection.
+    pub(super) async fn warn_of_another_collation(
         &self,
         src: &crate::meta::CollMeta,
     ) -> Result<(), PairError> {
         let fol = self.follower_meta().await?;
-        let binary = |c: Option<&mongodb::bson::Document>| {
-            c.is_none_or(|c| c.get_str("locale").unwrap_or("simple") == "simple")
-        };
-        if !fol.exists || binary(fol.options.get_document("collation").ok()) {
+        if !fol.exists {
             return Ok(());
         }
-        if let Some(d) = crate::meta::diff(src, &fol)
-            .iter()
+        let Some(d) = crate::meta::diff(src, &fol)
+            .into_iter()
             .find(|d| matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation"))
-        {
-            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection has a default collation the source's does not share: documents the source holds apart may be one there, and the follower then refuses the second (it is quarantined); create the follower collection with the source's collation (or none), then resync");
+        else {
+            return Ok(());
+        };
+        let looser = fol
+            .options
+            .get_document("collation")
+            .is_ok_and(|c| c.get_str("locale").unwrap_or("simple") != "simple");
+        if looser {
+            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection has a default collation the source's does not share: documents the source holds apart may be one there, and the follower then refuses the second (it is quarantined); create the follower collection with the source's collation, then resync");
+        } else {
+            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection's default collation is not the source's: nothing is lost, but writes by _id compare as the source does, which the follower's _id index cannot serve for string _ids (each such write scans the collection); create the follower collection with the source's collation, then resync");
         }
         Ok(())
     }

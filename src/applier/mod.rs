@@ -492,7 +492,7 @@ impl Pair {
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             self.sync_meta_to(&src).await?;
         } else {
-            self.warn_of_a_looser_collation(&src).await?;
+            self.warn_of_another_collation(&src).await?;
             self.follower.ensure_key_index(&self.ns).await?;
         }
         self.stats
