@@ -242,18 +242,20 @@ pub fn coalesce(ops: Vec<Op>) -> Coalesced {
 /// collation would otherwise find "Key" for "key", and the upsert of one would overwrite (or
 /// the careful plan delete) the other. The replicator's own key index is built with it too
 /// ([`crate::follower::Follower::ensure_key_index`]), so these statements use that index.
-/// Statements by `_id` compare as the source does ([`identity`]).
+/// Statements by `_id` are exact or compare as both sides do ([`identity`]).
 pub fn binary() -> Document {
     doc! {"locale": "simple"}
 }
 
-/// The collation under which two `_id`s are one document: the source collection's default
-/// (its `_id` index has it and keeps `_id`s unique under it), binary when it has none.
-/// Statements by `_id` carry it, so that the follower finds what the source means by that
-/// `_id` whatever the follower collection's own collation: under a follower collation
-/// looser than the source's, a statement for "a" must not find "A", which the source holds
-/// apart (the follower then refuses "a", and it is quarantined, not "A" lost). When the two
-/// agree, as with `replication.indexes`, the follower's `_id` index serves these statements.
+/// The collation of a collection's `_id` index (its default collation; binary when it has
+/// none), as a statement asks for it. Statements by `_id` carry it when the source's and the
+/// follower's agree (as `replication.indexes` makes them): each side then holds at most one
+/// document per `_id` under it, the statement finds exactly the follower's twin of the
+/// source's document, and the follower's `_id` index serves it. Otherwise they are binary
+/// (exact): under a follower collation looser than the source's, a statement for "a" must
+/// not find "A", which the source holds apart (the follower then refuses "a", and it is
+/// quarantined, not "A" lost); under a stricter one, the follower may still hold both "A"
+/// and "a" from the collection's earlier life, and a delete of one must not find the other.
 pub fn identity(source_options: &Document) -> Document {
     match source_options.get_document("collation") {
         Ok(c) if c.get_str("locale").unwrap_or("simple") != "simple" => {

@@ -112,7 +112,7 @@ pub struct Write<'a> {
     /// A copy starts: remove every quarantine record of the pipeline (the copy writes each
     /// document again, and refuses what is still refused).
     pub reset_quarantine: bool,
-    /// The collation under which the source holds two `_id`s as one ([`crate::change::identity`]).
+    /// The collation of statements by `_id` ([`crate::change::identity`]).
     pub id_collation: &'a Document,
 }
 

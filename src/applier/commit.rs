@@ -20,7 +20,7 @@ impl Pair {
         }
         if !ops.is_empty() && self.identity().is_none() {
             let src = self.source_meta().await?;
-            self.learn_identity(&src);
+            self.settle_identity(&src).await?;
         }
         let Coalesced {
             ops,
@@ -49,12 +49,31 @@ impl Pair {
             .clone()
     }
 
-    /// Records the source collection's `_id` collation from its metadata (unknown while it
-    /// does not exist; a write then reads it again, and one that finds it still missing,
-    /// its events being from before a drop, compares binary).
-    pub(super) fn learn_identity(&self, src: &crate::meta::CollMeta) {
-        *self.id_collation.lock().unwrap_or_else(|e| e.into_inner()) =
-            src.exists.then(|| crate::change::identity(&src.options));
+    /// Settles the collation of statements by `_id` from the source collection's metadata
+    /// and the follower collection's: the collation they share, or binary (see
+    /// [`crate::change::identity`]). Unknown while the source collection does not exist (a
+    /// write then settles it again; one that finds it still missing, its events being from
+    /// before a drop, is exact).
+    pub(super) async fn settle_identity(
+        &self,
+        src: &crate::meta::CollMeta,
+    ) -> Result<(), PairError> {
+        let settled = if src.exists {
+            let fol = self.follower_meta().await?;
+            let shared = fol.exists
+                && !crate::meta::diff(src, &fol).iter().any(|d| {
+                    matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation")
+                });
+            Some(if shared {
+                crate::change::identity(&src.options)
+            } else {
+                crate::change::binary()
+            })
+        } else {
+            None
+        };
+        *self.id_collation.lock().unwrap_or_else(|e| e.into_inner()) = settled;
+        Ok(())
     }
 
     /// Applies `ops` as they are (already coalesced) with checkpoint `cp`; returns what the

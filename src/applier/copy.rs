@@ -237,7 +237,7 @@ impl Pair {
     }
 
     /// The follower collection's options and indexes as they are now.
-    async fn follower_meta(&self) -> Result<crate::meta::CollMeta, PairError> {
+    pub(super) async fn follower_meta(&self) -> Result<crate::meta::CollMeta, PairError> {
         let fdb = self
             .follower
             .client()
@@ -245,37 +245,29 @@ impl Pair {
         self.fol(crate::meta::read(&fdb, &self.ns.coll)).await
     }
 
-    /// Under `indexes = false` the follower collection's options are the user's, and its
-    /// default collation may differ from the source's. Said once, at the start:
-    /// - one that is not binary may hold two documents the source holds apart ("A" and "a"
-    ///   under a binary source) as one: the replicator never lets one replace the other
-    ///   (statements by `_id` compare as the source does), so the follower refuses the
-    ///   second and it is quarantined;
-    /// - any other (a binary follower under a collated source, say) loses nothing, but its
-    ///   `_id` index, which has the follower's collation, cannot serve those statements for
-    ///   string `_id`s on MongoDB: each scans the collection.
-    pub(super) async fn warn_of_another_collation(
+    /// Under `indexes = false` the follower collection's options are the user's. One whose
+    /// default collation is not binary and not the source's may hold two documents the source
+    /// holds apart ("A" and "a" under a binary source) as one: the replicator never lets one
+    /// replace the other (statements by `_id` are then exact), so the follower refuses the
+    /// second and it is quarantined; and on MongoDB its `_id` index cannot serve those exact
+    /// statements for string `_id`s (each scans the collection). Said once, at the start.
+    pub(super) async fn warn_of_a_looser_collation(
         &self,
         src: &crate::meta::CollMeta,
     ) -> Result<(), PairError> {
         let fol = self.follower_meta().await?;
-        if !fol.exists {
-            return Ok(());
-        }
-        let Some(d) = crate::meta::diff(src, &fol)
-            .into_iter()
-            .find(|d| matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation"))
-        else {
-            return Ok(());
-        };
-        let looser = fol
+        let collated = fol
             .options
             .get_document("collation")
             .is_ok_and(|c| c.get_str("locale").unwrap_or("simple") != "simple");
-        if looser {
-            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection has a default collation the source's does not share: documents the source holds apart may be one there, and the follower then refuses the second (it is quarantined); create the follower collection with the source's collation, then resync");
-        } else {
-            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection's default collation is not the source's: nothing is lost, but writes by _id compare as the source does, which the follower's _id index cannot serve for string _ids (each such write scans the collection); create the follower collection with the source's collation, then resync");
+        if !fol.exists || !collated {
+            return Ok(());
+        }
+        if let Some(d) = crate::meta::diff(src, &fol)
+            .iter()
+            .find(|d| matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation"))
+        {
+            tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection has a default collation the source's does not share: documents the source holds apart may be one there, and the follower then refuses the second (it is quarantined), and its _id index cannot serve exact writes by string _id (each scans the collection); create the follower collection with the source's collation (or none), then resync");
         }
         Ok(())
     }

@@ -79,10 +79,10 @@ pub struct Pair {
     /// The follower collection has the source's options and indexes (see
     /// `copy::sync_meta`); until then, the first write brings them over first.
     pub meta_ready: std::sync::atomic::AtomicBool,
-    /// The collation under which the source collection holds two `_id`s as one
-    /// ([`crate::change::identity`]), read with its metadata when the pipeline starts; when
-    /// it did not exist then, the first write reads it. (A collection cannot change its
-    /// collation without a drop, and a drop starts the pipeline again.)
+    /// The collation of statements by `_id` ([`crate::change::identity`]): the one the source
+    /// and follower collections share, or binary. Settled when the pipeline starts; when the
+    /// source collection did not exist then, by the first write. (A source collection cannot
+    /// change its collation without a drop, and a drop starts the pipeline again.)
     pub id_collation: std::sync::Mutex<Option<Document>>,
 }
 
@@ -481,7 +481,6 @@ impl Pair {
         self.follower.claim(&self.ns, term).await?;
         // One read of the source collection's metadata serves the checks below.
         let src = self.source_meta().await?;
-        self.learn_identity(&src);
         if src.exists && copy::is_capped(&src.options) {
             return Err(PairError::Fatal(copy::CAPPED.into()));
         }
@@ -492,9 +491,10 @@ impl Pair {
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             self.sync_meta_to(&src).await?;
         } else {
-            self.warn_of_another_collation(&src).await?;
+            self.warn_of_a_looser_collation(&src).await?;
             self.follower.ensure_key_index(&self.ns).await?;
         }
+        self.settle_identity(&src).await?;
         self.stats
             .set_quarantined(self.follower.quarantine_count(&self.ns).await?);
         let start = match self.resume_point().await? {

@@ -5,6 +5,12 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::Collection;
 
 use super::compare::Checker;
+
+/// Statements by `_id` in a repair are exact: they touch the one document whose `_id` is
+/// the source's, whatever either collection's collation holds equal to it.
+fn exact() -> mongodb::options::Collation {
+    crate::change::binary_collation()
+}
 use super::{cannot_run, CheckError, PairReport, RepairReport};
 
 impl Checker {
@@ -77,14 +83,20 @@ impl Checker {
             let current = self
                 .src
                 .find_one(by_id.clone())
+                .collation(exact())
                 .await
                 .map_err(|e| cannot_run("source", e))?;
             let outcome = match current {
                 // Gone from the source: an archive follower keeps what it has.
                 None if !self.apply_deletes => Ok(()),
-                None => self.fol.delete_one(by_id.clone()).await.map(|d| {
-                    r.deleted += d.deleted_count;
-                }),
+                None => self
+                    .fol
+                    .delete_one(by_id.clone())
+                    .collation(exact())
+                    .await
+                    .map(|d| {
+                        r.deleted += d.deleted_count;
+                    }),
                 Some(doc) => match crate::change::upsert_for(doc, &self.key, self.missing_key) {
                     Ok(Ok(crate::change::Op::Upsert {
                         key: Some(k), doc, ..
@@ -96,6 +108,7 @@ impl Checker {
                                 self.fol
                                     .replace_one(by_id.clone(), doc)
                                     .upsert(true)
+                                    .collation(exact())
                                     .await
                                     .map(|_| r.upserted += 1)
                             }
@@ -103,9 +116,14 @@ impl Checker {
                         }
                     }
                     // Skipped by policy: it does not belong on the follower.
-                    _ => self.fol.delete_one(by_id.clone()).await.map(|d| {
-                        r.deleted += d.deleted_count;
-                    }),
+                    _ => self
+                        .fol
+                        .delete_one(by_id.clone())
+                        .collation(exact())
+                        .await
+                        .map(|d| {
+                            r.deleted += d.deleted_count;
+                        }),
                 },
             };
             match outcome {
@@ -125,10 +143,12 @@ impl Checker {
         Ok(())
     }
 
-    /// Removes follower documents that the `_id` index holds equal to `id` without being it:
-    /// "a" for "A" under a case-insensitive collection collation (which the `_id` index
-    /// always has), 1.0 for 1. A replacement by `_id` would find such a document and fail
-    /// (an `_id` cannot change), and the binary statements below do not see it.
+    /// Removes follower documents that the `_id` index holds equal to `id` without being it
+    /// ("a" for "A" under a case-insensitive collection collation, which the `_id` index
+    /// always has; 1.0 for 1), unless the source holds them too: a replacement by `_id` would
+    /// find such a document and fail (an `_id` cannot change), and the exact statements of
+    /// the repair do not see it. One the source holds stays (a follower collation looser
+    /// than the source's cannot hold both; the write of `id` then fails, and is reported).
     async fn clear_id_variants(&self, id: &Bson) -> Result<u64, mongodb::error::Error> {
         let found: Vec<Document> = self
             .fol
@@ -141,11 +161,21 @@ impl Checker {
         for f in found {
             match f.get("_id") {
                 Some(other) if other != id => {
-                    deleted += self
-                        .fol
-                        .delete_one(crate::change::eq("_id", other))
+                    let on_source = self
+                        .src
+                        .find_one(crate::change::eq("_id", other))
+                        .projection(doc! {"_id": 1})
+                        .collation(exact())
                         .await?
-                        .deleted_count;
+                        .is_some_and(|d| d.get("_id") == Some(other));
+                    if !on_source {
+                        deleted += self
+                            .fol
+                            .delete_one(crate::change::eq("_id", other))
+                            .collation(exact())
+                            .await?
+                            .deleted_count;
+                    }
                 }
                 _ => {}
             }
@@ -229,6 +259,7 @@ impl Checker {
                 self.fol
                     .replace_one(doc! {"_id": {"$eq": id}}, d)
                     .upsert(true)
+                    .collation(exact())
                     .await
                     .map_err(|e| cannot_run("follower", e))?;
                 r.upserted += 1;
