@@ -316,17 +316,21 @@ impl Plan {
                         None => (eq("_id", id), false),
                     };
                     if careful {
+                        // This `_id` (under whatever key, or none: the upsert below writes
+                        // it again). Under a collation both sides share, this also clears a
+                        // follower document whose `_id` differs in bytes only ("a" for
+                        // "A"), which the upsert would otherwise find and be refused for
+                        // (an `_id` cannot change).
+                        plan.deletes.push(doc! {
+                            "q": eq("_id", id), "limit": 1,
+                            "collation": id_collation.clone(),
+                        });
+                        plan.delete_ops.push(i);
                         if let Some(k) = key {
-                            // This `_id` (under whatever key: the upsert below writes it
-                            // again), and this key under another `_id`: two statements, each
-                            // on an index (an `$or` of both, or a `$nor` beside the `_id`, is
-                            // a scan of the collection per statement on servers that do not
-                            // use the index for them).
-                            plan.deletes.push(doc! {
-                                "q": eq("_id", id), "limit": 1,
-                                "collation": id_collation.clone(),
-                            });
-                            plan.delete_ops.push(i);
+                            // And this key under another `_id`: each statement on an index
+                            // (an `$or` of both, or a `$nor` beside the `_id`, is a scan of
+                            // the collection per statement on servers that do not use the
+                            // index for them).
                             let mut other_id = key_eq(key_field, k);
                             other_id.insert("_id", doc! {"$ne": id.clone()});
                             plan.deletes
@@ -476,7 +480,12 @@ mod tests {
             plan.upserts[0].get_document("q").unwrap(),
             &doc! {"_id": {"$eq": 7}}
         );
-        assert!(plan.deletes.is_empty());
+        // The careful plan clears this `_id` first (a follower variant of it under a shared
+        // collation would refuse the upsert), as for a keyed document.
+        assert_eq!(
+            plan.deletes,
+            vec![doc! {"q": {"_id": {"$eq": 7}}, "limit": 1, "collation": {"locale": "simple"}}]
+        );
         let e = upsert_for(d, "dataId", MissingKey::Fail).unwrap_err();
         assert!(e.to_string().contains("no `dataId` field"));
     }
