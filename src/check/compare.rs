@@ -30,6 +30,9 @@ pub(super) struct Checker {
     pub(super) state_db: String,
     pub(super) args: CheckArgs,
     pub(super) label: String,
+    /// Compare only the documents this filter selects (with `key` = `_id`: those without
+    /// the key, which `missing_key = "use_id"` replicates by `_id`).
+    pub(super) only: Option<Document>,
 }
 
 /// One document of a key-ordered stream: its key, `_id` and raw bytes.
@@ -95,7 +98,11 @@ struct Diff {
 
 impl Checker {
     fn keyed(&self) -> Document {
-        doc! {&self.key: {"$exists": true, "$ne": Bson::Null}}
+        let keyed = doc! {&self.key: {"$exists": true, "$ne": Bson::Null}};
+        match &self.only {
+            Some(only) => doc! {"$and": [only.clone(), keyed]},
+            None => keyed,
+        }
     }
 
     async fn open(
@@ -140,14 +147,15 @@ impl Checker {
             ..Default::default()
         };
         tracing::debug!(pair = %self.label, "counting documents");
+        let all = self.only.clone().unwrap_or_default();
         report.source_count = self
             .src
-            .count_documents(doc! {})
+            .count_documents(all.clone())
             .await
             .map_err(|e| cannot_run("source", e))?;
         report.follower_count = self
             .fol
-            .count_documents(doc! {})
+            .count_documents(all)
             .await
             .map_err(|e| cannot_run("follower", e))?;
         let unkeyed = doc! {"$or": [{&self.key: {"$exists": false}}, {&self.key: Bson::Null}]};

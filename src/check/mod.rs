@@ -46,7 +46,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mongodb::bson::doc;
+use mongodb::bson::{doc, Bson};
 use mongodb::Client;
 use serde::Serialize;
 
@@ -189,6 +189,47 @@ impl PairReport {
     pub fn documents_consistent(&self) -> bool {
         self.missing == 0 && self.extra == 0 && self.different == 0 && self.quarantined == 0
     }
+
+    /// Adds the differences `by_id` found among the documents without the key (compared by
+    /// `_id`, see [`unkeyed_by_id`]); those documents are no longer "not compared".
+    fn absorb(&mut self, by_id: &PairReport, samples: usize) {
+        self.checked += by_id.checked;
+        self.ranges_differing += by_id.ranges_differing;
+        self.missing += by_id.missing;
+        self.extra += by_id.extra;
+        self.different += by_id.different;
+        self.unsettled += by_id.unsettled;
+        for (to, from) in [
+            (&mut self.samples_missing, &by_id.samples_missing),
+            (&mut self.samples_extra, &by_id.samples_extra),
+            (&mut self.samples_different, &by_id.samples_different),
+            (&mut self.samples_unsettled, &by_id.samples_unsettled),
+        ] {
+            to.extend(from.iter().map(|s| format!("_id {s}")));
+            to.truncate(samples);
+        }
+        self.source_without_key = self.source_without_key.saturating_sub(by_id.source_count);
+        self.follower_without_key = self
+            .follower_without_key
+            .saturating_sub(by_id.follower_count);
+    }
+}
+
+/// Under `missing_key = "use_id"` the documents without the key are replicated by `_id`:
+/// a second comparison checks them by `_id` (the keyed one leaves them out).
+fn unkeyed_by_id(keyed: &Checker) -> Checker {
+    let key = &keyed.key;
+    Checker {
+        src: keyed.src.clone(),
+        fol: keyed.fol.clone(),
+        key: "_id".into(),
+        missing_key: keyed.missing_key,
+        apply_deletes: keyed.apply_deletes,
+        state_db: keyed.state_db.clone(),
+        args: keyed.args.clone(),
+        label: format!("{} (without the key, by _id)", keyed.label),
+        only: Some(doc! {"$or": [{key: {"$exists": false}}, {key: Bson::Null}]}),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -304,7 +345,10 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                 state_db: config.replication.state_database.clone(),
                 args: args.clone(),
                 label: format!("{coll} -> {}", f.name),
+                only: None,
             };
+            let by_id = (config.replication.missing_key == crate::config::MissingKey::UseId)
+                .then(|| unkeyed_by_id(&checker));
             let meta = metadata::Pair {
                 source: source.database(&ns.db),
                 follower: f.client().database(f.target_db(ns)),
@@ -312,6 +356,12 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                 key: f.key_field(ns),
             };
             let (mut report, mut keys) = checker.check(coll, &f.name).await?;
+            let mut ids = Vec::new();
+            if let Some(c) = &by_id {
+                let (r, k) = c.check(coll, &f.name).await?;
+                report.absorb(&r, args.samples);
+                ids = k;
+            }
             // With `replication.indexes = false` the followers' indexes and options are
             // their own business, not the source's.
             let meta_diffs = if config.replication.indexes {
@@ -338,8 +388,18 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                         let r = checker.repair(&keys).await?;
                         total.upserted += r.upserted;
                         total.deleted += r.deleted;
+                        if let Some(c) = &by_id {
+                            let r = c.repair(&ids).await?;
+                            total.upserted += r.upserted;
+                            total.deleted += r.deleted;
+                        }
                         total.rounds = round;
                         (report, keys) = checker.check(coll, &f.name).await?;
+                        if let Some(c) = &by_id {
+                            let (r, k) = c.check(coll, &f.name).await?;
+                            report.absorb(&r, args.samples);
+                            ids = k;
+                        }
                         if report.documents_consistent() {
                             break;
                         }
