@@ -7,31 +7,18 @@ mod common;
 
 use std::time::Duration;
 
+use common::collation::*;
 use common::*;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use mongodb::options::Collation;
 
 const CONVERGE: Duration = Duration::from_secs(45);
 const LEAD: Duration = Duration::from_secs(60);
 
-fn case_insensitive() -> Document {
-    doc! {"locale": "en", "strength": 2}
-}
-
-fn binary() -> Collation {
-    Collation::builder().locale("simple").build()
-}
-
 /// A source whose collection `data` compares case-insensitively by default.
 async fn collated_source() -> Server {
     let src = Server::start().await;
-    src.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&src).await;
     src
 }
 

@@ -8,42 +8,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::collation::*;
 use common::*;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
-use mongodb::options::Collation;
 
 const CONVERGE: Duration = Duration::from_secs(45);
 const LEAD: Duration = Duration::from_secs(60);
-
-fn case_insensitive() -> Document {
-    doc! {"locale": "en", "strength": 2}
-}
-
-fn binary() -> Collation {
-    Collation::builder().locale("simple").build()
-}
-
-/// Every document, in binary `_id` order (whatever the collection's default collation), as
-/// exact BSON.
-async fn all_by_id(c: &mongodb::Collection<Document>) -> Vec<Document> {
-    c.find(doc! {})
-        .sort(doc! {"_id": 1})
-        .collation(binary())
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
-}
-
-async fn has_id(c: &mongodb::Collection<Document>, id: &str) -> bool {
-    c.find_one(doc! {"_id": {"$eq": id}})
-        .collation(binary())
-        .await
-        .unwrap()
-        .is_some()
-}
 
 /// Waits until the follower holds exactly the source's documents, compared in binary `_id`
 /// order (the harness's `wait_identical` sorts under each side's default collation).
@@ -75,12 +46,7 @@ async fn wait_same_by_id(
 async fn a_case_variant_id_never_deletes_another_document_under_a_different_follower_collation() {
     let (src, f1) = (Server::start().await, Server::start().await);
     // The follower's collection, the user's own under `indexes = false`.
-    f1.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&f1).await;
     let f = f1.coll("data").await;
     let s = src.coll("data").await;
     s.insert_one(doc! {"_id": "A", "dataId": "k1"})
@@ -156,12 +122,7 @@ async fn a_case_variant_id_never_deletes_another_document_under_a_different_foll
 #[tokio::test]
 async fn a_binary_follower_collection_under_a_collated_source_replicates() {
     let (src, f1) = (Server::start().await, Server::start().await);
-    src.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&src).await;
     f1.client()
         .await
         .database("app")
@@ -199,12 +160,7 @@ async fn a_binary_follower_collection_under_a_collated_source_replicates() {
 #[tokio::test]
 async fn repair_replaces_a_follower_document_whose_id_differs_only_by_case() {
     let (src, f1) = (Server::start().await, Server::start().await);
-    src.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&src).await;
     let s = src.coll("data").await;
     s.insert_one(doc! {"_id": "a", "dataId": "x"})
         .await

@@ -16,49 +16,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::collation::*;
 use common::*;
-use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use mongodb::options::Collation;
 
 const CONVERGE: Duration = Duration::from_secs(45);
 const LEAD: Duration = Duration::from_secs(60);
-
-fn case_insensitive() -> Document {
-    doc! {"locale": "en", "strength": 2}
-}
-
-fn binary() -> Collation {
-    Collation::builder().locale("simple").build()
-}
-
-async fn all_by_id(c: &mongodb::Collection<Document>) -> Vec<Document> {
-    c.find(doc! {})
-        .sort(doc! {"_id": 1})
-        .collation(binary())
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
-}
-
-async fn has_id(c: &mongodb::Collection<Document>, id: &str) -> bool {
-    c.find_one(doc! {"_id": {"$eq": id}})
-        .collation(binary())
-        .await
-        .unwrap()
-        .is_some()
-}
-
-async fn stopped_for_collation(r: &Replicator) -> bool {
-    r.status().await.is_some_and(|st| {
-        st["followers"][0]["state"] == "stopped"
-            && st["followers"][0]["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("collation"))
-    })
-}
 
 /// The source writes "A" (key k1) then "a" (key k2) into a binary collection, then a marker;
 /// the follower collection compares case-insensitively, so its `_id` index cannot hold both.
@@ -133,12 +96,7 @@ async fn write_case_pair_and_expect_no_loss(
 #[tokio::test]
 async fn a_looser_follower_collation_loses_nothing_when_the_source_collection_comes_later() {
     let (src, f1) = (Server::start().await, Server::start().await);
-    f1.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&f1).await;
     // The source database exists (another collection), "data" does not.
     src.coll("other")
         .await
@@ -163,12 +121,7 @@ async fn a_looser_follower_collation_loses_nothing_when_the_source_collection_co
 async fn a_looser_follower_collation_loses_nothing_when_the_source_is_recreated_binary() {
     let (src, f1) = (Server::start().await, Server::start().await);
     for srv in [&src, &f1] {
-        srv.client()
-            .await
-            .database("app")
-            .run_command(doc! {"create": "data", "collation": case_insensitive()})
-            .await
-            .unwrap();
+        create_collated(srv).await;
     }
     let (s, f) = (src.coll("data").await, f1.coll("data").await);
     s.insert_one(doc! {"_id": "x", "dataId": "kx"})
@@ -202,12 +155,7 @@ async fn a_looser_follower_collation_loses_nothing_when_the_source_is_recreated_
 #[tokio::test]
 async fn under_indexes_true_a_source_recreated_binary_loses_nothing() {
     let (src, f1) = (Server::start().await, Server::start().await);
-    src.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&src).await;
     let (s, f) = (src.coll("data").await, f1.coll("data").await);
     s.insert_one(doc! {"_id": "x", "dataId": "kx"})
         .await
@@ -257,12 +205,7 @@ async fn a_follower_collection_recreated_case_insensitive_while_streaming_loses_
     r.wait_streaming(CONVERGE).await;
 
     f.drop().await.unwrap();
-    f1.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&f1).await;
     write_case_pair_and_expect_no_loss(&r, &s, &f).await;
     drop(r);
 }
@@ -281,12 +224,7 @@ async fn an_equivalent_follower_collation_spelled_otherwise_replicates() {
         .run_command(doc! {"create": "data", "collation": {"locale": "en_US", "strength": 2}})
         .await
         .unwrap();
-    f1.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&f1).await;
     let (s, f) = (src.coll("data").await, f1.coll("data").await);
     s.insert_one(doc! {"_id": "A", "dataId": "Key"})
         .await

@@ -12,43 +12,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::collation::*;
 use common::*;
-use futures::TryStreamExt;
-use mongodb::bson::{doc, Document};
-use mongodb::options::Collation;
+use mongodb::bson::doc;
 
 const CONVERGE: Duration = Duration::from_secs(45);
 const LEAD: Duration = Duration::from_secs(60);
-
-fn case_insensitive() -> Document {
-    doc! {"locale": "en", "strength": 2}
-}
-
-fn binary() -> Collation {
-    Collation::builder().locale("simple").build()
-}
-
-async fn all_by_id(c: &mongodb::Collection<Document>) -> Vec<Document> {
-    c.find(doc! {})
-        .sort(doc! {"_id": 1})
-        .collation(binary())
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
-}
-
-async fn get_id(c: &mongodb::Collection<Document>, id: &str) -> Option<Document> {
-    c.find_one(doc! {"_id": {"$eq": id}})
-        .collation(binary())
-        .await
-        .unwrap()
-}
-
-async fn has_id(c: &mongodb::Collection<Document>, id: &str) -> bool {
-    get_id(c, id).await.is_some()
-}
 
 /// `missing_key = "use_id"`: documents without the key are replicated by `_id`. `check`
 /// (exit 0 = identical) must not call a follower identical that lost one of them, or holds
@@ -100,12 +69,7 @@ async fn under_use_id_check_sees_a_keyless_document_lost_or_changed_on_the_follo
 async fn under_use_id_and_a_shared_case_insensitive_collation_a_resync_replaces_a_stale_case_twin()
 {
     let (src, f1) = (Server::start().await, Server::start().await);
-    src.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&src).await;
     let s = src.coll("data").await;
     s.insert_many([doc! {"_id": "x", "dataId": "kx"}, doc! {"_id": "A", "v": 2}])
         .await
@@ -150,12 +114,7 @@ async fn under_use_id_and_a_shared_case_insensitive_collation_a_resync_replaces_
 #[tokio::test]
 async fn check_reports_a_case_twin_a_looser_follower_refused() {
     let (src, f1) = (Server::start().await, Server::start().await);
-    f1.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&f1).await;
     let (s, f) = (src.coll("data").await, f1.coll("data").await);
     s.insert_one(doc! {"_id": "x", "dataId": "kx"})
         .await
@@ -194,12 +153,7 @@ async fn two_followers_with_different_collations_each_settle_their_own_rule() {
         Server::start().await,
         Server::start().await,
     );
-    f1.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&f1).await;
     let s = src.coll("data").await;
     let (c1, c2) = (f1.coll("data").await, f2.coll("data").await);
     s.insert_one(doc! {"_id": "x", "dataId": "kx"})

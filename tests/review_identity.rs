@@ -8,43 +8,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::collation::*;
 use common::*;
-use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use mongodb::options::Collation;
 
 const CONVERGE: Duration = Duration::from_secs(45);
 const LEAD: Duration = Duration::from_secs(60);
-
-fn case_insensitive() -> Document {
-    doc! {"locale": "en", "strength": 2}
-}
-
-fn binary() -> Collation {
-    Collation::builder().locale("simple").build()
-}
-
-async fn all_by_id(c: &mongodb::Collection<Document>) -> Vec<Document> {
-    c.find(doc! {})
-        .sort(doc! {"_id": 1})
-        .collation(binary())
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
-}
-
-async fn get_id(c: &mongodb::Collection<Document>, id: &str) -> Option<Document> {
-    c.find_one(doc! {"_id": {"$eq": id}})
-        .collation(binary())
-        .await
-        .unwrap()
-}
-
-async fn has_id(c: &mongodb::Collection<Document>, id: &str) -> bool {
-    get_id(c, id).await.is_some()
-}
 
 /// `indexes = false`, binary source, the user's follower collection case-insensitive: the
 /// source writes "A" (k1) and "a" (k2); the replicator keeps "A" and quarantines "a" (the
@@ -57,12 +26,7 @@ async fn case_twins_quarantined(
     mongodb::Collection<Document>,
     mongodb::Collection<Document>,
 ) {
-    f1.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(f1).await;
     let (s, f) = (src.coll("data").await, f1.coll("data").await);
     s.insert_one(doc! {"_id": "x", "dataId": "kx"})
         .await
@@ -143,12 +107,7 @@ async fn a_source_recreated_case_insensitive_resyncs_to_exactly_the_source() {
     r.terminate().await;
 
     s.drop().await.unwrap();
-    src.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&src).await;
     s.insert_one(doc! {"_id": "A", "dataId": "k1", "v": 2})
         .await
         .unwrap();
@@ -207,12 +166,7 @@ async fn an_archive_keeps_the_last_version_across_a_source_recreated_case_insens
         .await
         .unwrap();
     s.drop().await.unwrap();
-    src.client()
-        .await
-        .database("app")
-        .run_command(doc! {"create": "data", "collation": case_insensitive()})
-        .await
-        .unwrap();
+    create_collated(&src).await;
     s.insert_one(doc! {"_id": "z", "dataId": "kz", "v": 1})
         .await
         .unwrap();

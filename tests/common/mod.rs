@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use mongodb::bson::{doc, Document};
 use mongodb::{Client, Collection};
 
+pub mod collation;
 pub mod secure;
 pub use secure::ROOT_PASSWORD;
 
