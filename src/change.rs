@@ -257,15 +257,23 @@ pub fn binary() -> Document {
 /// quarantined, not "A" lost); under a stricter one, the follower may still hold both "A"
 /// and "a" from the collection's earlier life, and a delete of one must not find the other.
 pub fn identity(source_options: &Document) -> Document {
-    match source_options.get_document("collation") {
-        Ok(c) if c.get_str("locale").unwrap_or("simple") != "simple" => {
+    match collated(source_options) {
+        Some(c) => {
             let mut c = c.clone();
             // Reported by the server (its ICU version); not part of a collation one asks for.
             c.remove("version");
             c
         }
-        _ => binary(),
+        None => binary(),
     }
+}
+
+/// The collation of a collection's options or of an index definition (both list it as
+/// `collation`), unless it is binary (absent, or `locale: "simple"`).
+pub fn collated(spec: &Document) -> Option<&Document> {
+    spec.get_document("collation")
+        .ok()
+        .filter(|c| c.get_str("locale").unwrap_or("simple") != "simple")
 }
 
 /// [`binary`] for the driver's helpers.

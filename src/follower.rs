@@ -347,10 +347,9 @@ impl Follower {
     /// Whether the follower's index `name` compares under a collation other than binary.
     async fn own_index_collated(&self, ns: &Ns, name: &str) -> Result<bool, ApplyError> {
         let meta = crate::meta::read(&self.client.database(self.target_db(ns)), &ns.coll).await?;
-        Ok(meta.index(name).is_some_and(|ix| {
-            ix.get_document("collation")
-                .is_ok_and(|c| c.get_str("locale").unwrap_or("simple") != "simple")
-        }))
+        Ok(meta
+            .index(name)
+            .is_some_and(|ix| crate::change::collated(ix).is_some()))
     }
 
     /// Applies one coalesced batch and leaves `w.next` as the pipeline's checkpoint, fenced

@@ -240,10 +240,14 @@ pub fn diff(source: &CollMeta, follower: &CollMeta) -> Vec<MetaDiff> {
 /// key pattern is compared by the caller. (A hidden one does not serve, but cannot coexist
 /// with ours either: the source's index wins.)
 fn serves_binary_lookups(ix: &Document) -> bool {
-    let binary = ix.get_document("collation").map_or(true, |c| {
-        c.get_str("locale").unwrap_or("simple") == "simple"
-    });
-    binary && !ix.contains_key("partialFilterExpression")
+    crate::change::collated(ix).is_none() && !ix.contains_key("partialFilterExpression")
+}
+
+/// How the default collations of two existing collections differ, if they do.
+pub fn collation_diff(source: &CollMeta, follower: &CollMeta) -> Option<MetaDiff> {
+    option_diffs(&source.options, &follower.options)
+        .into_iter()
+        .find(|d| d.name() == "collation")
 }
 
 /// Makes the follower collection `coll` in `follower_db` match `source`: creates it with the

@@ -53,27 +53,23 @@ impl Pair {
     /// and the follower collection's: the collation they share, or binary (see
     /// [`crate::change::identity`]). Unknown while the source collection does not exist (a
     /// write then settles it again; one that finds it still missing, its events being from
-    /// before a drop, is exact).
+    /// before a drop, is exact). Returns the follower collection's metadata it read.
     pub(super) async fn settle_identity(
         &self,
         src: &crate::meta::CollMeta,
-    ) -> Result<(), PairError> {
-        let settled = if src.exists {
-            let fol = self.follower_meta().await?;
-            let shared = fol.exists
-                && !crate::meta::diff(src, &fol).iter().any(|d| {
-                    matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation")
-                });
-            Some(if shared {
-                crate::change::identity(&src.options)
-            } else {
-                crate::change::binary()
-            })
+    ) -> Result<Option<crate::meta::CollMeta>, PairError> {
+        if !src.exists {
+            *self.id_collation.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            return Ok(None);
+        }
+        let fol = self.follower_meta().await?;
+        let shared = fol.exists && crate::meta::collation_diff(src, &fol).is_none();
+        *self.id_collation.lock().unwrap_or_else(|e| e.into_inner()) = Some(if shared {
+            crate::change::identity(&src.options)
         } else {
-            None
-        };
-        *self.id_collation.lock().unwrap_or_else(|e| e.into_inner()) = settled;
-        Ok(())
+            crate::change::binary()
+        });
+        Ok(Some(fol))
     }
 
     /// Applies `ops` as they are (already coalesced) with checkpoint `cp`; returns what the

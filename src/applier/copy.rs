@@ -251,25 +251,17 @@ impl Pair {
     /// replace the other (statements by `_id` are then exact), so the follower refuses the
     /// second and it is quarantined; and on MongoDB its `_id` index cannot serve those exact
     /// statements for string `_id`s (each scans the collection). Said once, at the start.
-    pub(super) async fn warn_of_a_looser_collation(
+    pub(super) fn warn_of_a_looser_collation(
         &self,
         src: &crate::meta::CollMeta,
-    ) -> Result<(), PairError> {
-        let fol = self.follower_meta().await?;
-        let collated = fol
-            .options
-            .get_document("collation")
-            .is_ok_and(|c| c.get_str("locale").unwrap_or("simple") != "simple");
-        if !fol.exists || !collated {
-            return Ok(());
+        fol: &crate::meta::CollMeta,
+    ) {
+        if !src.exists || !fol.exists || crate::change::collated(&fol.options).is_none() {
+            return;
         }
-        if let Some(d) = crate::meta::diff(src, &fol)
-            .iter()
-            .find(|d| matches!(d, crate::meta::MetaDiff::DifferentOption { name, .. } if name == "collation"))
-        {
+        if let Some(d) = crate::meta::collation_diff(src, fol) {
             tracing::warn!(follower = %self.name(), collection = %self.label, difference = %d, "the follower collection has a default collation the source's does not share: documents the source holds apart may be one there, and the follower then refuses the second (it is quarantined), and its _id index cannot serve exact writes by string _id (each scans the collection); create the follower collection with the source's collation (or none), then resync");
         }
-        Ok(())
     }
 
     /// The bytes of documents a copy of `remaining` documents reads, from the source's

@@ -491,10 +491,12 @@ impl Pair {
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             self.sync_meta_to(&src).await?;
         } else {
-            self.warn_of_a_looser_collation(&src).await?;
             self.follower.ensure_key_index(&self.ns).await?;
         }
-        self.settle_identity(&src).await?;
+        let fol = self.settle_identity(&src).await?;
+        if let (false, Some(fol)) = (self.config.replication.indexes, &fol) {
+            self.warn_of_a_looser_collation(&src, fol);
+        }
         self.stats
             .set_quarantined(self.follower.quarantine_count(&self.ns).await?);
         let start = match self.resume_point().await? {
