@@ -252,20 +252,8 @@ async fn handover_under_concurrent_writes_loses_no_insert() {
             }));
         }
     }
-    for _ in 0..4 {
-        let coll = src.coll("noise").await;
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                coll.insert_one(doc! {"n": 1}).await.unwrap();
-            }
-        }));
-    }
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        r.kill9();
-        r.spawn();
-    }
+    noise(&src, &stop, &mut tasks).await;
+    restarts(&mut r, 5, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
@@ -319,20 +307,8 @@ async fn handover_with_long_in_flight_inserts_loses_no_insert() {
             }
         }));
     }
-    for _ in 0..4 {
-        let coll = src.coll("noise").await;
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                coll.insert_one(doc! {"n": 1}).await.unwrap();
-            }
-        }));
-    }
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        r.kill9();
-        r.spawn();
-    }
+    noise(&src, &stop, &mut tasks).await;
+    restarts(&mut r, 8, Duration::from_secs(3)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
@@ -345,5 +321,33 @@ async fn handover_with_long_in_flight_inserts_loses_no_insert() {
             Duration::from_secs(90),
         )
         .await;
+    }
+}
+
+/// Writers of an unreplicated collection in tight loops until `stop`: they mint later
+/// cluster times meanwhile, and move the pipelines' own streams on with empty batches.
+async fn noise(
+    src: &Server,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    for _ in 0..4 {
+        let coll = src.coll("noise").await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                coll.insert_one(doc! {"n": 1}).await.unwrap();
+            }
+        }));
+    }
+}
+
+/// Kills the replicator (kill -9) and starts it again, `times` times, every `every`: each
+/// restart is a new handover of every pipeline.
+async fn restarts(r: &mut Replicator, times: usize, every: Duration) {
+    for _ in 0..times {
+        tokio::time::sleep(every).await;
+        r.kill9();
+        r.spawn();
     }
 }
