@@ -30,9 +30,10 @@ pub(super) struct Checker {
     pub(super) state_db: String,
     pub(super) args: CheckArgs,
     pub(super) label: String,
-    /// Compare only the documents this filter selects (with `key` = `_id`: those without
-    /// the key, which `missing_key = "use_id"` replicates by `_id`).
-    pub(super) only: Option<Document>,
+    /// With `key` = `_id`: compare only the documents that have no usable value in this
+    /// key field, which `missing_key = "use_id"` replicates by `_id` (see
+    /// [`Checker::unkeyed`]).
+    pub(super) keyless_in: Option<String>,
 }
 
 /// One document of a key-ordered stream: its key, `_id` and raw bytes.
@@ -89,6 +90,17 @@ pub(super) fn raw_key(raw: &RawDocumentBuf, path: &str) -> Option<Bson> {
     Some(cur)
 }
 
+/// The documents with no usable value in `key`: missing, null, or one of the values that
+/// cannot identify a document ([`crate::change::unusable_key`]: an array, a regex, undefined; a document
+/// with `$`-prefixed names cannot be selected by a query and stays "not compared").
+pub(super) fn unkeyed(key: &str) -> Document {
+    doc! {"$or": [
+        {key: {"$exists": false}},
+        {key: Bson::Null},
+        {key: {"$type": ["array", "regex", "undefined"]}},
+    ]}
+}
+
 /// A difference found by the descend step, before rechecking.
 #[derive(Debug, Clone)]
 struct Diff {
@@ -98,11 +110,21 @@ struct Diff {
 
 impl Checker {
     fn keyed(&self) -> Document {
-        let keyed = doc! {&self.key: {"$exists": true, "$ne": Bson::Null}};
-        match &self.only {
-            Some(only) => doc! {"$and": [only.clone(), keyed]},
-            None => keyed,
+        match &self.keyless_in {
+            // Every document has an `_id` (null included).
+            Some(key) => unkeyed(key),
+            None => doc! {&self.key: {"$exists": true, "$ne": Bson::Null}},
         }
+    }
+
+    /// Whether `d` belongs to the keyed comparison although this one compares by `_id`: it
+    /// has a usable key on one side, so the keyed comparison reports it (as missing, extra
+    /// or different), and this one must not count it again.
+    pub(super) fn keyed_elsewhere(&self, d: &RawDocumentBuf) -> bool {
+        self.keyless_in.as_deref().is_some_and(|key| {
+            raw_key(d, key)
+                .is_some_and(|k| k != Bson::Null && crate::change::unusable_key(&k).is_none())
+        })
     }
 
     async fn open(
@@ -147,7 +169,10 @@ impl Checker {
             ..Default::default()
         };
         tracing::debug!(pair = %self.label, "counting documents");
-        let all = self.only.clone().unwrap_or_default();
+        let all = match &self.keyless_in {
+            Some(_) => self.keyed(),
+            None => doc! {},
+        };
         report.source_count = self
             .src
             .count_documents(all.clone())

@@ -46,7 +46,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mongodb::bson::{doc, Bson};
+use mongodb::bson::doc;
 use mongodb::Client;
 use serde::Serialize;
 
@@ -194,6 +194,7 @@ impl PairReport {
     /// `_id`, see [`unkeyed_by_id`]); those documents are no longer "not compared".
     fn absorb(&mut self, by_id: &PairReport, samples: usize) {
         self.checked += by_id.checked;
+        self.ranges += by_id.ranges;
         self.ranges_differing += by_id.ranges_differing;
         self.missing += by_id.missing;
         self.extra += by_id.extra;
@@ -228,7 +229,7 @@ fn unkeyed_by_id(keyed: &Checker) -> Checker {
         state_db: keyed.state_db.clone(),
         args: keyed.args.clone(),
         label: format!("{} (without the key, by _id)", keyed.label),
-        only: Some(doc! {"$or": [{key: {"$exists": false}}, {key: Bson::Null}]}),
+        keyless_in: Some(key.clone()),
     }
 }
 
@@ -345,7 +346,7 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Report, CheckError
                 state_db: config.replication.state_database.clone(),
                 args: args.clone(),
                 label: format!("{coll} -> {}", f.name),
-                only: None,
+                keyless_in: None,
             };
             let by_id = (config.replication.missing_key == crate::config::MissingKey::UseId)
                 .then(|| unkeyed_by_id(&checker));

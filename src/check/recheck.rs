@@ -71,7 +71,12 @@ impl Checker {
             for (key, _) in pending {
                 let kb = key_bytes(&key);
                 let a = s1.get(&kb).unwrap_or(&empty);
-                let Some(kind) = self.compare(a, f.get(&kb).unwrap_or(&empty)) else {
+                let fd = f.get(&kb).unwrap_or(&empty);
+                if a.iter().chain(fd).any(|d| self.keyed_elsewhere(d)) {
+                    done.push((key, Verdict::Same));
+                    continue;
+                }
+                let Some(kind) = self.compare(a, fd) else {
                     done.push((key, Verdict::Same));
                     continue;
                 };
